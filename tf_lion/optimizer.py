@@ -1,0 +1,474 @@
+"""`tf_lion.Lion`: the Keras wiring around the update rules in `update.py`.
+
+This class resolves hyperparameters, creates slots, validates inputs, spreads
+the work over `tf.distribute` replicas and speaks Keras's optimizer contract.
+The math is in `tf_lion.update`; nothing here writes the formula.
+"""
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from tf_keras.src.optimizers import optimizer as keras_optimizer
+from tf_keras.src.optimizers import utils as optimizer_utils
+from tf_keras.src.optimizers.schedules import learning_rate_schedule
+
+from tf_lion import slots as slots_lib
+from tf_lion import update as update_lib
+
+__all__ = ["Lion", "SPARSE_MODES"]
+
+SPARSE_MODES = ("exact", "lazy")
+_Schedule = learning_rate_schedule.LearningRateSchedule
+
+
+def _is_plain_callable(value):
+    """A zero-argument callable hyperparameter (not a schedule or variable)."""
+    return callable(value) and not isinstance(value, (tf.Variable, tf.Tensor, _Schedule))
+
+
+def _check_hyperparameter(name, value, low, high=None):
+    """ValueError naming `name` unless `value` is in [low, high].
+
+    Callables and schedules are evaluated at every step and are not checked
+    here; symbolic tensors cannot be read at construction and are not either.
+    """
+    if _is_plain_callable(value) or isinstance(value, _Schedule):
+        return
+    if isinstance(value, (tf.Variable, tf.Tensor)):
+        if isinstance(value, tf.Tensor) and not hasattr(value, "numpy"):
+            return
+        number = value.numpy()
+    else:
+        number = value
+    try:
+        number = float(np.asarray(number).item())
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a float, a scalar tensor or variable, or a callable. "
+            f"Received: {name}={value!r}"
+        ) from None
+    upper = "" if high is None else f" and <= {high}"
+    if not (number >= low and (high is None or number <= high)):
+        raise ValueError(f"`{name}` must be >= {low}{upper}. Received: {name}={value!r}")
+
+
+def _as_momentum_dtype(momentum_dtype):
+    if momentum_dtype is None:
+        return None
+    try:
+        dtype = tf.as_dtype(momentum_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not dtype.is_floating:
+        raise ValueError(
+            "`momentum_dtype` must be None or a floating dtype such as 'float32' or "
+            f"'bfloat16'. Received: momentum_dtype={momentum_dtype!r}"
+        )
+    return dtype
+
+
+def _true_dtype(variable):
+    """A variable's storage dtype (mixed-precision AutoCastVariables report their cast one)."""
+    return tf.as_dtype(getattr(variable, "true_dtype", variable.dtype))
+
+
+def _unwrap(variable):
+    """The plain variable behind a mixed-precision AutoCastVariable."""
+    from tf_keras.src.mixed_precision import autocast_variable
+
+    if isinstance(variable, autocast_variable.AutoCastVariable):
+        return variable._variable
+    return variable
+
+
+def _check_gradient(grad, variable):
+    """Errors that name the variable for gradients that cannot be applied to it."""
+    name = variable.name
+    dtype = _true_dtype(variable)
+    if not dtype.is_floating:
+        raise TypeError(
+            f"Lion can only update floating-point variables; variable '{name}' has dtype "
+            f"{dtype.name}."
+        )
+    if grad is None:
+        return
+    values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+    if values.dtype != dtype:
+        raise TypeError(
+            f"The gradient of variable '{name}' has dtype {values.dtype.name}, but the "
+            f"variable has dtype {dtype.name}."
+        )
+    if isinstance(grad, tf.IndexedSlices):
+        if variable.shape.rank == 0:
+            raise ValueError(f"Variable '{name}' is a scalar and cannot take a sparse gradient.")
+        rows_ok = values.shape[1:].is_compatible_with(variable.shape[1:])
+        if not rows_ok or grad.indices.shape.rank not in (None, 1):
+            raise ValueError(
+                f"The sparse gradient of variable '{name}' has values of shape "
+                f"{values.shape.as_list() if values.shape.rank is not None else None} and "
+                f"indices of shape {grad.indices.shape}, which do not fit the variable's "
+                f"shape {variable.shape.as_list()}."
+            )
+        if grad.indices.dtype not in (tf.int32, tf.int64):
+            raise TypeError(
+                f"The sparse gradient of variable '{name}' has indices of dtype "
+                f"{grad.indices.dtype.name}; int32 or int64 is required."
+            )
+    elif not values.shape.is_compatible_with(variable.shape):
+        raise ValueError(
+            f"The gradient of variable '{name}' has shape {values.shape}, but the variable "
+            f"has shape {variable.shape}."
+        )
+
+
+def _check_indices(variable, indices):
+    """Eager/graph check of sparse indices; XLA ignores Assert ops (see README)."""
+    rows = tf.cast(tf.shape(variable)[0], indices.dtype)
+    message = (
+        f"Sparse gradient for variable '{variable.name}' has indices outside "
+        f"[0, {variable.shape[0]})."
+    )
+    return tf.group(
+        tf.debugging.assert_non_negative(indices, message=message),
+        tf.debugging.assert_less(indices, rows, message=message),
+    )
+
+
+def _apply_lion(variable, gradient, momentum, lr, beta_1, beta_2, weight_decay, sparse_mode):
+    """Dispatches one variable's update to the rule for its gradient type."""
+    if isinstance(gradient, tf.IndexedSlices):
+        rule = (
+            update_lib.exact_sparse_update if sparse_mode == "exact"
+            else update_lib.lazy_sparse_update
+        )
+        return rule(variable, momentum, gradient.indices, gradient.values,
+                    lr, beta_1, beta_2, weight_decay)
+    return update_lib.dense_update(variable, momentum, gradient, lr, beta_1, beta_2, weight_decay)
+
+
+# One compiled program per (shapes, dtypes, sparse mode, decay on/off). The
+# variables are arguments, not captures, so each call updates its own pair.
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _apply_lion_xla(*args):
+    _apply_lion(*args)  # a tf.function runs its stateful ops; it returns no op
+
+
+@tf_keras.saving.register_keras_serializable(package="tf_lion")
+class Lion(keras_optimizer.Optimizer):
+    r"""Lion: EvoLved Sign Momentum (Chen et al. 2023).
+
+    For each variable `theta` with momentum `m` and gradient `g`:
+
+        c     = beta_1 * m + (1 - beta_1) * g
+        theta = theta - lr * (sign(c) + weight_decay * theta)
+        m     = beta_2 * m + (1 - beta_2) * g
+
+    with `sign(0) = 0`; `weight_decay` is multiplied by the (scheduled)
+    learning rate. Use a learning rate 3-10x smaller than AdamW's and a weight
+    decay 3-10x larger.
+
+    Args:
+      learning_rate: float, tensor, `tf.Variable`, zero-argument callable, or
+        `LearningRateSchedule`. Defaults to 1e-4.
+      beta_1: float, tensor, `tf.Variable` or callable in [0, 1]: the
+        interpolation for the update direction. 0 is valid.
+      beta_2: float, tensor, `tf.Variable` or callable in [0, 1]: the
+        momentum's decay.
+      weight_decay: float, tensor, `tf.Variable` or callable >= 0 (decoupled,
+        scaled by the learning rate). See `exclude_from_weight_decay`.
+      sparse_mode: `"exact"` (sparse gradients give exactly the dense result)
+        or `"lazy"` (only the rows present in the gradient change).
+      momentum_dtype: dtype to store the momentum in (e.g. `"bfloat16"`), or
+        None for the variable's own dtype. Arithmetic runs in >= float32.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+      ema_overwrite_frequency, name: as in every tf-keras optimizer.
+      jit_compile: compile each variable's update with XLA, on every device
+        (tf-keras turns XLA off without a GPU; tf_lion does not).
+    """
+
+    def __init__(
+        self,
+        learning_rate=1e-4,
+        beta_1=0.9,
+        beta_2=0.99,
+        weight_decay=0.0,
+        sparse_mode="exact",
+        momentum_dtype=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        jit_compile=True,
+        name="Lion",
+        **kwargs,
+    ):
+        _check_hyperparameter("learning_rate", learning_rate, 0.0)
+        _check_hyperparameter("beta_1", beta_1, 0.0, 1.0)
+        _check_hyperparameter("beta_2", beta_2, 0.0, 1.0)
+        _check_hyperparameter("weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0)
+        if sparse_mode not in SPARSE_MODES:
+            raise ValueError(
+                f"`sparse_mode` must be one of {SPARSE_MODES}. Received: sparse_mode={sparse_mode!r}"
+            )
+        self._momentum_dtype = _as_momentum_dtype(momentum_dtype)
+        super().__init__(
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            jit_compile=jit_compile,
+            **kwargs,
+        )
+        # tf-keras turns XLA off unless a GPU is visible; we honour the flag.
+        self.jit_compile = bool(jit_compile)
+        self._learning_rate = self._build_learning_rate(learning_rate)
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.sparse_mode = sparse_mode
+        self._slots = self._no_dependency(slots_lib.SlotStore(self._var_key))
+
+    # ------------------------------------------------------------------ #
+    # Hyperparameters
+    # ------------------------------------------------------------------ #
+    def _build_learning_rate(self, learning_rate):
+        # A variable is kept as given (the user may assign to it), a
+        # zero-argument callable is called at every step (tf-keras reads it
+        # once); floats, tensors and schedules are handled as in tf-keras.
+        if isinstance(learning_rate, tf.Variable) or _is_plain_callable(learning_rate):
+            return learning_rate
+        return super()._build_learning_rate(learning_rate)
+
+    @property
+    def learning_rate(self):
+        lr = self._learning_rate
+        if isinstance(lr, _Schedule):
+            return self._current_learning_rate
+        if _is_plain_callable(lr):
+            return lr()
+        return lr
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        if isinstance(self._learning_rate, _Schedule) and not isinstance(learning_rate, _Schedule):
+            raise TypeError(
+                "This optimizer was created with a `LearningRateSchedule`; its learning rate "
+                "cannot be set to a fixed value."
+            )
+        _check_hyperparameter("learning_rate", learning_rate, 0.0)
+        current = self._learning_rate
+        if (isinstance(current, tf.Variable) and not isinstance(learning_rate, tf.Variable)
+                and not callable(learning_rate)):
+            current.assign(learning_rate)
+        else:
+            self._learning_rate = self._build_learning_rate(learning_rate)
+
+    @staticmethod
+    def _resolve(value):
+        """The current value of a hyperparameter as a float32 (or float64) scalar."""
+        if _is_plain_callable(value):
+            value = value()
+        value = tf.convert_to_tensor(value)
+        return value if value.dtype == tf.float64 else tf.cast(value, tf.float32)
+
+    def _current_hyperparameters(self):
+        wd = self.weight_decay
+        if wd is None or (isinstance(wd, numbers.Number) and wd == 0):
+            wd = None  # no decay term at all
+        else:
+            wd = self._resolve(wd)
+        return (self._resolve(self.learning_rate), self._resolve(self.beta_1),
+                self._resolve(self.beta_2), wd)
+
+    # ------------------------------------------------------------------ #
+    # Slots
+    # ------------------------------------------------------------------ #
+    def build(self, var_list):
+        """Creates the momentum (and EMA) slots of the variables that lack them.
+
+        Unlike tf-keras, variables first seen after the first step get their
+        slots then; slots are keyed to variables, never to positions.
+        """
+        if not getattr(self, "_built", False):
+            self._build_index_dict(var_list)
+        for var in var_list:
+            var = _unwrap(var)
+            if not self._slots.has(var, "m"):
+                dtype = self._momentum_dtype or _true_dtype(var)
+                self._slots.create(var, "m", dtype)
+            if self.use_ema and not self._slots.has(var, "average"):
+                self._slots.create(var, "average", _true_dtype(var), initial_value=var)
+        self._built = True
+
+    def get_slot_names(self):
+        """Slot names, for the checkpoint slot-variable protocol."""
+        return ["m", "average"] if self.use_ema else ["m"]
+
+    def get_slot(self, var, slot_name):
+        """The slot `slot_name` ("m" or "average") of variable `var`."""
+        if slot_name not in self.get_slot_names():
+            raise KeyError(f"Lion has no slot '{slot_name}'; its slots are {self.get_slot_names()}.")
+        slot = self._slots.get(_unwrap(var), slot_name)
+        if slot is None:
+            raise KeyError(f"Variable '{var.name}' has no '{slot_name}' slot yet (not built).")
+        return slot
+
+    def _create_or_restore_slot_variable(self, slot_variable_position, slot_name, variable,
+                                         slot_variable_shape=None):
+        del slot_variable_shape  # the variable's own shape is checked instead
+        return self._slots.create_or_restore(slot_variable_position, slot_name, _unwrap(variable))
+
+    @property
+    def variables(self):
+        """`[iterations, m(v_0), ..., m(v_n), average(v_0), ..., average(v_n)]`.
+
+        Variables in the order they were first built (for `model.fit`:
+        `model.trainable_variables`). Keras's `.keras` and `save_weights` files
+        store optimizer state in this order.
+        """
+        state = [self._iterations] + self._slots.ordered("m")
+        if self.use_ema:
+            state += self._slots.ordered("average")
+        return keras_optimizer.CallableList(state)
+
+    def set_weights(self, weights):
+        variables = self.variables
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"Optimizer '{self.name}' has {len(variables)} variables, got {len(weights)} weights."
+            )
+        for variable, weight in zip(variables, weights):
+            if tuple(variable.shape) != tuple(np.shape(weight)):
+                raise ValueError(
+                    f"Optimizer variable '{variable.name}' has shape {variable.shape}, "
+                    f"the weight has shape {np.shape(weight)}."
+                )
+            variable.assign(weight)
+
+    # ------------------------------------------------------------------ #
+    # Applying gradients
+    # ------------------------------------------------------------------ #
+    def apply_gradients(self, grads_and_vars, name=None, skip_gradients_aggregation=False,
+                        **kwargs):
+        """Applies gradients (dense or `tf.IndexedSlices`) to variables.
+
+        Same contract as tf-keras's `apply_gradients`, except that sparse
+        gradients are never deduplicated with `tf.unique` (duplicates are
+        summed with static shapes inside the update).
+        """
+        aggregate = kwargs.pop("experimental_aggregate_gradients", True)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments to apply_gradients: {sorted(kwargs)}")
+        grads_and_vars = list(grads_and_vars)
+        if not grads_and_vars:
+            return self._iterations
+        for grad, var in grads_and_vars:
+            _check_gradient(grad, var)
+        if aggregate and not skip_gradients_aggregation:
+            grads_and_vars = self.aggregate_gradients(grads_and_vars)
+        self._compute_current_learning_rate()
+        with tf.name_scope(name or self.name or "optimizer"):
+            with tf.init_scope():
+                self.build([v for _, v in grads_and_vars])
+            grads_and_vars = optimizer_utils.filter_empty_gradients(grads_and_vars)
+            grads, variables = zip(*grads_and_vars)
+            grads = self._clip_gradients(list(grads))
+            iteration = self._internal_apply_gradients(list(zip(grads, variables)))
+            for variable in variables:
+                if variable.constraint is not None:
+                    variable.assign(variable.constraint(variable))
+            return iteration
+
+    def _update_fn(self, hyperparameters):
+        """The per-device update of one variable, for `strategy.extended.update`."""
+        lr, beta_1, beta_2 = hyperparameters
+        apply = _apply_lion_xla if self.jit_compile else _apply_lion
+
+        def update_fn(var, grad, momentum, wd):
+            deps = []
+            if isinstance(grad, tf.IndexedSlices):
+                deps.append(_check_indices(var, grad.indices))
+            with tf.control_dependencies(deps):
+                return apply(var, grad, momentum, lr, beta_1, beta_2, wd, self.sparse_mode)
+
+        return update_fn
+
+    def _weight_decay_for(self, var, weight_decay):
+        if weight_decay is None or not self._use_weight_decay(var):
+            return None
+        return weight_decay
+
+    def update_step(self, gradient, variable):
+        """Updates one variable (tf-keras API); `apply_gradients` is the usual entry."""
+        variable = _unwrap(variable)
+        self.build([variable])
+        lr, beta_1, beta_2, weight_decay = self._current_hyperparameters()
+        update_fn = self._update_fn((lr, beta_1, beta_2))
+        return update_fn(variable, gradient, self._slots.get(variable, "m"),
+                         self._weight_decay_for(variable, weight_decay))
+
+    def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, **kwargs):
+        lr, beta_1, beta_2, weight_decay = self._current_hyperparameters()
+        update_fn = self._update_fn((lr, beta_1, beta_2))
+        for grad, var in grads_and_vars:
+            var = _unwrap(var)
+            distribution.extended.update(
+                var, update_fn,
+                args=(grad, self._slots.get(var, "m"), self._weight_decay_for(var, weight_decay)),
+                group=False,
+            )
+        if self.use_ema:
+            self._update_moving_averages(distribution, [_unwrap(v) for _, v in grads_and_vars])
+        return self.iterations.assign_add(1)
+
+    # ------------------------------------------------------------------ #
+    # EMA of the model variables (per-variable "average" slots)
+    # ------------------------------------------------------------------ #
+    def _update_moving_averages(self, distribution, variables):
+        for var in variables:
+            distribution.extended.update(
+                self._slots.get(var, "average"),
+                update_lib.ema_update, args=(var, self.ema_momentum), group=False,
+            )
+        if self.ema_overwrite_frequency:
+            overwrite = tf.equal((self.iterations + 1) % self.ema_overwrite_frequency, 0)
+            tf.cond(overwrite,
+                    lambda: self._overwrite_model_variables_with_average_value(variables),
+                    lambda: None)
+
+    def _overwrite_model_variables_with_average_value(self, var_list):
+        strategy = tf.distribute.get_strategy()
+        for var in var_list:
+            var = _unwrap(var)
+            strategy.extended.update(
+                var, lambda v, a: v.assign(a), args=(self._slots.get(var, "average"),)
+            )
+
+    # ------------------------------------------------------------------ #
+    # Config
+    # ------------------------------------------------------------------ #
+    def get_config(self):
+        config = super().get_config()
+
+        def plain(value):
+            value = self._serialize_hyperparameter(value)
+            if isinstance(value, (np.generic, np.ndarray)) or tf.is_tensor(value):
+                value = float(np.asarray(value))
+            return value
+
+        config.update(
+            learning_rate=plain(self._learning_rate),
+            beta_1=plain(self.beta_1),
+            beta_2=plain(self.beta_2),
+            weight_decay=plain(self.weight_decay),
+            sparse_mode=self.sparse_mode,
+            momentum_dtype=None if self._momentum_dtype is None else self._momentum_dtype.name,
+        )
+        return config

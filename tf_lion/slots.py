@@ -1,0 +1,90 @@
+"""Per-variable optimizer state ("slots"), keyed to the variable it belongs to.
+
+Lion keeps one slot per trainable variable, its momentum `"m"`, plus the EMA
+copy `"average"` when `use_ema=True`. Slots live in a `SlotStore` that the
+optimizer keeps out of its ordinary object-graph children. Checkpoints reach
+each slot through the slot-variable protocol instead (`get_slot_names`,
+`get_slot`, `_create_or_restore_slot_variable` on the optimizer), which saves
+it under `<variable path>/.OPTIMIZER_SLOT/<optimizer path>/<slot name>`: keyed
+to the variable, never to a list position. This is the layout of the classic
+OptimizerV2, so such checkpoints are interchangeable.
+
+Restoring works in either order: a slot restored before it exists (before the
+optimizer's first step, or before a lazily built layer creates its variables)
+is queued here and filled in the moment the slot is created.
+"""
+
+import tensorflow as tf
+
+__all__ = ["SlotStore", "check_slot_shape"]
+
+
+def check_slot_shape(variable, slot_name, saved_shape):
+    """Raises ValueError naming `variable` when a saved slot does not fit it."""
+    saved_shape = tf.TensorShape(saved_shape)
+    if not saved_shape.is_compatible_with(variable.shape):
+        raise ValueError(
+            f"Checkpointed optimizer slot '{slot_name}' of variable "
+            f"'{variable.name}' has shape {saved_shape.as_list()}, but the "
+            f"variable has shape {variable.shape.as_list()}. The checkpoint "
+            "does not fit this model; nothing was restored into this slot."
+        )
+
+
+class SlotStore:
+    """Slot variables by (variable key, slot name), in creation order.
+
+    `key_fn` maps a variable to a hashable key that is the same for every
+    replica/component of a distributed variable.
+    """
+
+    def __init__(self, key_fn):
+        self._key_fn = key_fn
+        self._slots = {}  # key -> {slot name: tf.Variable}
+        self._order = []  # keys in the order their first slot was created
+        self._deferred = {}  # (key, slot name) -> [CheckpointPosition]
+
+    def get(self, variable, slot_name):
+        return self._slots.get(self._key_fn(variable), {}).get(slot_name)
+
+    def has(self, variable, slot_name):
+        return self.get(variable, slot_name) is not None
+
+    def ordered(self, slot_name):
+        """All slots of one name, in the order their variables were built."""
+        return [self._slots[k][slot_name] for k in self._order if slot_name in self._slots[k]]
+
+    def create(self, variable, slot_name, dtype, initial_value=None):
+        """Creates the slot next to `variable` (same strategy, same device)."""
+        key = self._key_fn(variable)
+        if initial_value is None:
+            initial_value = tf.zeros(variable.shape, dtype=dtype)
+        else:
+            initial_value = tf.cast(initial_value, dtype)
+        strategy = tf.distribute.get_strategy()
+        with strategy.extended.colocate_vars_with(variable):
+            slot = tf.Variable(
+                initial_value,
+                name=f"{slot_name}/{variable._shared_name}",
+                dtype=dtype,
+                trainable=False,
+            )
+        if key not in self._slots:
+            self._slots[key] = {}
+            self._order.append(key)
+        self._slots[key][slot_name] = slot
+        positions = self._deferred.pop((key, slot_name), [])
+        # Highest restore UID first: later restores win, as in OptimizerV2.
+        for position in sorted(positions, key=lambda p: p.restore_uid, reverse=True):
+            position.restore(slot)
+        return slot
+
+    def create_or_restore(self, position, slot_name, variable):
+        """Restores `position` into the slot, or queues it until it exists."""
+        check_slot_shape(variable, slot_name, position.value_shape())
+        slot = self.get(variable, slot_name)
+        if slot is None:
+            self._deferred.setdefault((self._key_fn(variable), slot_name), []).append(position)
+            return None
+        position.restore(slot)
+        return slot

@@ -1,0 +1,211 @@
+"""Lion's update rules, as plain functions over tensors and variables.
+
+This module is the only place the formula is written. Nothing here knows
+about Keras: the optimizer class in `optimizer.py` resolves hyperparameters,
+finds the momentum slot of each variable and calls these functions.
+
+For a parameter `theta` with momentum `m` and gradient `g` (Chen et al. 2023,
+"Symbolic Discovery of Optimization Algorithms"):
+
+    c     = beta_1 * m + (1 - beta_1) * g
+    theta = theta - lr * (sign(c) + weight_decay * theta)
+    m     = beta_2 * m + (1 - beta_2) * g
+
+with `sign(0) = 0`. Nothing divides by `beta_1`, so `beta_1 = 0` (signSGD with
+momentum tracking) is valid everywhere.
+
+Precision: the arithmetic runs in `compute_dtype(...)`: at least float32, and
+float64 only when a variable or its momentum is float64. Variables and momenta
+are read, cast up, updated, and cast back to their own dtypes.
+
+Sparse gradients (`tf.IndexedSlices`) have two semantics:
+
+* `exact_sparse_update`: the same numbers as applying the densified gradient
+  (rows absent from the indices see `g = 0`: their momentum decays and their
+  value still moves by `sign(beta_1 * m)` and weight decay).
+* `lazy_sparse_update`: only rows present in the indices change; every other
+  row of the variable and of its momentum keeps its bits.
+
+Both sum duplicate indices before the sign, with static shapes only (a sort,
+never `tf.unique`), so they compile under XLA for TPUs.
+"""
+
+import tensorflow as tf
+
+__all__ = [
+    "compute_dtype",
+    "lion_step",
+    "dense_update",
+    "deduplicate_indices",
+    "exact_sparse_update",
+    "lazy_sparse_update",
+    "ema_update",
+]
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def compute_dtype(*dtypes):
+    """The dtype Lion's arithmetic runs in for variables/momenta of `dtypes`.
+
+    float16 and bfloat16 are computed in float32; float64 wins when present.
+    """
+    dtypes = [tf.as_dtype(d) for d in dtypes]
+    if tf.float64 in dtypes:
+        return tf.float64
+    return tf.float32
+
+
+def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay=None):
+    """One Lion step on tensors; returns `(new_theta, new_m)`.
+
+    Args:
+      theta: parameter values.
+      m: momentum, same shape as `theta`.
+      g: gradient, same shape as `theta`; `None` means a zero gradient (used
+        for the rows an exact sparse update does not touch). With `None` the
+        terms `(1 - beta) * 0` are left out, which changes nothing but the
+        sign of a zero.
+      lr, beta_1, beta_2: scalars in the dtype of `theta`.
+      weight_decay: scalar or `None` (no decay term at all).
+
+    Returns:
+      `theta - lr * (sign(c) + weight_decay * theta)` and
+      `beta_2 * m + (1 - beta_2) * g`, where `c = beta_1 * m + (1 - beta_1) * g`.
+    """
+    if g is None:
+        c = beta_1 * m
+        new_m = beta_2 * m
+    else:
+        c = beta_1 * m + (1.0 - beta_1) * g
+        new_m = beta_2 * m + (1.0 - beta_2) * g
+    step = tf.sign(c)
+    if weight_decay is not None:
+        step = step + weight_decay * theta
+    return theta - lr * step, new_m
+
+
+def _cast(x, dtype):
+    return x if x.dtype == dtype else tf.cast(x, dtype)
+
+
+def _scalars(dtype, *values):
+    return [None if v is None else _cast(tf.convert_to_tensor(v), dtype) for v in values]
+
+
+def dense_update(variable, momentum, gradient, lr, beta_1, beta_2, weight_decay=None):
+    """Applies a dense Lion step to `variable` and its `momentum` in place.
+
+    Args:
+      variable: the parameter (`tf.Variable`).
+      momentum: its momentum (`tf.Variable` of the same shape, any float dtype).
+      gradient: dense gradient tensor of the variable's shape and dtype.
+      lr, beta_1, beta_2, weight_decay: scalar tensors or floats
+        (`weight_decay=None` leaves the decay term out).
+
+    Returns:
+      The grouped assign op.
+    """
+    dtype = compute_dtype(variable.dtype, momentum.dtype)
+    lr, beta_1, beta_2, weight_decay = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+    new_theta, new_m = lion_step(
+        _cast(variable.read_value(), dtype),
+        _cast(momentum.read_value(), dtype),
+        _cast(gradient, dtype),
+        lr, beta_1, beta_2, weight_decay,
+    )
+    return tf.group(
+        variable.assign(_cast(new_theta, variable.dtype)),
+        momentum.assign(_cast(new_m, momentum.dtype)),
+    )
+
+
+def deduplicate_indices(indices, values):
+    """Sums the rows of `values` that share an index, with static shapes.
+
+    Unlike `tf.unique`, the output has as many rows as the input, so it
+    compiles for TPUs. Every position carries the sum over all positions with
+    its index, so duplicates carry identical rows: scattering all of them
+    writes the same value several times, which is deterministic. Sums are
+    taken in the original order of the duplicates (a stable sort), the order
+    `tf.convert_to_tensor(tf.IndexedSlices)` uses when it densifies.
+
+    Args:
+      indices: 1-D int32/int64 tensor of row indices, possibly repeated.
+      values: tensor whose first dimension matches `indices`.
+
+    Returns:
+      `(sorted_indices, summed_values)`, both with `indices`' first dimension.
+    """
+    order = tf.argsort(indices, stable=True)
+    sorted_indices = tf.gather(indices, order)
+    is_first = tf.concat(
+        [tf.ones_like(sorted_indices[:1], dtype=tf.bool),
+         tf.not_equal(sorted_indices[1:], sorted_indices[:-1])],
+        axis=0,
+    )
+    segment = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
+    summed = tf.math.unsorted_segment_sum(
+        tf.gather(values, order), segment, num_segments=tf.size(indices)
+    )
+    return sorted_indices, tf.gather(summed, segment)
+
+
+def _rows_update(variable, momentum, indices, values, dtype, hypers):
+    """Lion on the rows named by `indices`; returns (indices, theta rows, m rows)."""
+    indices, g = deduplicate_indices(indices, values)
+    new_theta, new_m = lion_step(
+        _cast(tf.gather(variable, indices), dtype),
+        _cast(tf.gather(momentum, indices), dtype),
+        _cast(g, dtype),
+        *hypers,
+    )
+    return indices, _cast(new_theta, variable.dtype), _cast(new_m, momentum.dtype)
+
+
+def lazy_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
+                       weight_decay=None):
+    """Lion on the rows present in `indices` only; other rows keep their bits.
+
+    Duplicate indices are summed before the sign; weight decay applies to the
+    touched rows only. Cost grows with `len(indices)`, not with the table.
+    Indices must be in `[0, variable.shape[0])`: under XLA an out-of-range
+    gather is clamped and an out-of-range scatter dropped (no error).
+    """
+    dtype = compute_dtype(variable.dtype, momentum.dtype)
+    hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+    indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers)
+    return tf.group(
+        variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
+        momentum.scatter_update(tf.IndexedSlices(m_rows, indices)),
+    )
+
+
+def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
+                        weight_decay=None):
+    """Lion with the densified gradient, without building the dense gradient.
+
+    Every row moves as the dense update would move it: rows in `indices` with
+    their duplicate-summed gradient, all other rows with `g = 0`. The table is
+    read and written once; the touched rows are computed from the old values
+    and written over the zero-gradient result.
+    """
+    dtype = compute_dtype(variable.dtype, momentum.dtype)
+    hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+    indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers)
+    new_theta, new_m = lion_step(
+        _cast(variable.read_value(), dtype), _cast(momentum.read_value(), dtype), None, *hypers
+    )
+    rows = tf.expand_dims(indices, -1)
+    return tf.group(
+        variable.assign(tf.tensor_scatter_nd_update(_cast(new_theta, variable.dtype), rows, theta_rows)),
+        momentum.assign(tf.tensor_scatter_nd_update(_cast(new_m, momentum.dtype), rows, m_rows)),
+    )
+
+
+def ema_update(average, value, ema_momentum):
+    """`average = ema_momentum * average + (1 - ema_momentum) * value`, in place."""
+    dtype = compute_dtype(average.dtype)
+    (ema_momentum,) = _scalars(dtype, ema_momentum)
+    new = ema_momentum * _cast(average.read_value(), dtype) + (1.0 - ema_momentum) * _cast(value, dtype)
+    return average.assign(_cast(new, average.dtype))
