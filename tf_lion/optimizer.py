@@ -148,11 +148,16 @@ def _apply_lion(variable, gradient, momentum, lr, beta_1, beta_2, weight_decay, 
     return update_lib.dense_update(variable, momentum, gradient, lr, beta_1, beta_2, weight_decay)
 
 
-# One compiled program per (shapes, dtypes, sparse mode, decay on/off). The
-# variables are arguments, not captures, so each call updates its own pair.
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _apply_lion_xla(*args):
-    _apply_lion(*args)  # a tf.function runs its stateful ops; it returns no op
+def _apply_lion_compiled(key, *args):
+    """`_apply_lion` for `tf.function(jit_compile=True)`; returns nothing.
+
+    `key` identifies the variable: each variable gets its own trace. A trace
+    shared between variables would keep weak references to the variables it
+    was first traced with, and TensorFlow refuses to call it from a graph once
+    those are deleted.
+    """
+    del key
+    _apply_lion(*args)
 
 
 @tf_keras.saving.register_keras_serializable(package="tf_lion")
@@ -234,6 +239,9 @@ class Lion(keras_optimizer.Optimizer):
         self.beta_2 = beta_2
         self.sparse_mode = sparse_mode
         self._slots = self._no_dependency(slots_lib.SlotStore(self._var_key))
+        self._compiled_apply = self._no_dependency(
+            tf.function(_apply_lion_compiled, jit_compile=True, reduce_retracing=True)
+        )
 
     # ------------------------------------------------------------------ #
     # Hyperparameters
@@ -389,14 +397,16 @@ class Lion(keras_optimizer.Optimizer):
     def _update_fn(self, hyperparameters):
         """The per-device update of one variable, for `strategy.extended.update`."""
         lr, beta_1, beta_2 = hyperparameters
-        apply = _apply_lion_xla if self.jit_compile else _apply_lion
 
         def update_fn(var, grad, momentum, wd):
             deps = []
             if isinstance(grad, tf.IndexedSlices):
                 deps.append(_check_indices(var, grad.indices))
+            args = (var, grad, momentum, lr, beta_1, beta_2, wd, self.sparse_mode)
             with tf.control_dependencies(deps):
-                return apply(var, grad, momentum, lr, beta_1, beta_2, wd, self.sparse_mode)
+                if self.jit_compile:
+                    return self._compiled_apply(getattr(var, "_unique_id", id(var)), *args)
+                return _apply_lion(*args)
 
         return update_fn
 

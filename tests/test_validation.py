@@ -1,0 +1,77 @@
+"""Bad input: a clear error naming the argument or variable, and nothing changed."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lion
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(learning_rate=-0.1), r"learning_rate.*-0\.1"),
+    (dict(learning_rate=tf.constant(-1.0)), r"learning_rate"),
+    (dict(learning_rate=tf.Variable(-1.0)), r"learning_rate"),
+    (dict(learning_rate=float("nan")), r"learning_rate.*nan"),
+    (dict(learning_rate="fast"), r"learning_rate.*fast"),
+    (dict(beta_1=-0.01), r"beta_1.*-0\.01"),
+    (dict(beta_1=1.5), r"beta_1.*1\.5"),
+    (dict(beta_2=-1.0), r"beta_2.*-1\.0"),
+    (dict(beta_2=1.01), r"beta_2.*1\.01"),
+    (dict(beta_2=tf.constant([0.9, 0.9])), r"beta_2"),
+    (dict(weight_decay=-0.1), r"weight_decay.*-0\.1"),
+    (dict(sparse_mode="dense"), r"sparse_mode.*dense"),
+    (dict(momentum_dtype="int32"), r"momentum_dtype.*int32"),
+    (dict(momentum_dtype="float12"), r"momentum_dtype.*float12"),
+])
+def test_invalid_hyperparameters_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tf_lion.Lion(**kwargs)
+
+
+def test_valid_edge_values_are_accepted():
+    tf_lion.Lion(learning_rate=0.0, beta_1=0.0, beta_2=0.0, weight_decay=0.0)
+    tf_lion.Lion(beta_1=1.0, beta_2=1.0, weight_decay=None)
+    tf_lion.Lion(beta_1=lambda: 0.5, beta_2=tf.Variable(0.9), learning_rate=lambda: 1e-3)
+    for dtype in ["float16", "bfloat16", "float32", "float64", tf.bfloat16]:
+        tf_lion.Lion(momentum_dtype=dtype)
+
+
+def test_integer_variable_is_rejected_by_name():
+    var = tf.Variable([1, 2], name="counter")
+    with pytest.raises(TypeError, match="counter"):
+        tf_lion.Lion().apply_gradients([(tf.constant([1, 1]), var)])
+
+
+def test_gradient_shape_mismatch_names_variable():
+    var = tf.Variable(tf.zeros([3, 2]), name="kernel")
+    opt = tf_lion.Lion()
+    with pytest.raises(ValueError, match=r"kernel.*\(2, 3\)"):
+        opt.apply_gradients([(tf.ones([2, 3]), var)])
+    with pytest.raises(ValueError, match="kernel"):
+        opt.apply_gradients([(tf.IndexedSlices(tf.ones([1, 5]), tf.constant([0])), var)])
+    np.testing.assert_array_equal(var.numpy(), np.zeros([3, 2]))
+    assert int(opt.iterations) == 0
+
+
+def test_gradient_dtype_mismatch_names_variable():
+    var = tf.Variable(tf.zeros([2]), name="bias")
+    with pytest.raises(TypeError, match=r"bias.*float16"):
+        tf_lion.Lion().apply_gradients([(tf.ones([2], tf.float16), var)])
+
+
+def test_float_sparse_indices_rejected():
+    var = tf.Variable(tf.zeros([3, 2]), name="table")
+    grad = tf.IndexedSlices(tf.ones([1, 2]), tf.constant([0], tf.int16))
+    with pytest.raises(TypeError, match="table"):
+        tf_lion.Lion().apply_gradients([(grad, var)])
+
+
+def test_all_none_gradients_raise_like_tf_keras():
+    var = tf.Variable([1.0])
+    with pytest.raises(ValueError, match="No gradients"):
+        tf_lion.Lion().apply_gradients([(None, var)])
+
+
+def test_unknown_kwarg():
+    with pytest.raises(TypeError, match="bogus"):
+        tf_lion.Lion(bogus=1)
