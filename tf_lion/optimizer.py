@@ -125,7 +125,10 @@ def _check_gradient(grad, variable):
 
 def _check_indices(variable, indices):
     """Eager/graph check of sparse indices; XLA ignores Assert ops (see README)."""
-    rows = tf.cast(tf.shape(variable)[0], indices.dtype)
+    rows = variable.shape[0]
+    if rows is None:  # never read the variable for its shape: that would copy it
+        rows = tf.raw_ops.VariableShape(input=variable.handle, out_type=indices.dtype)[0]
+    rows = tf.cast(rows, indices.dtype)
     message = (
         f"Sparse gradient for variable '{variable.name}' has indices outside "
         f"[0, {variable.shape[0]})."
