@@ -115,3 +115,29 @@ def test_out_of_range_index_names_variable_eagerly():
         with pytest.raises(tf.errors.InvalidArgumentError, match="my_table"):
             opt.apply_gradients([(negative, var)])
     np.testing.assert_array_equal(var.numpy(), np.zeros([4, 2]))
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_sparse_update_has_static_shapes_only(mode):
+    """No tf.unique / boolean_mask / one-argument where, and no dynamic dimension in HLO."""
+    var = tf.Variable(tf.zeros([50, 4]))
+    opt = tf_lion.Lion(sparse_mode=mode, weight_decay=0.1)
+
+    @tf.function(jit_compile=True)
+    def step(indices, values):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([50, 4])), var)])
+
+    args = (tf.constant([3, 7, 3, 9]), tf.ones([4, 4]))
+    step(*args)
+    graph_ops = set()
+    for fn in [step.get_concrete_function(*args)] + list(
+            step.get_concrete_function(*args).graph._functions.values()):
+        graph = getattr(fn, "graph", None)
+        if graph is not None:
+            graph_ops |= {op.type for op in graph.get_operations()}
+    assert "TopKV2" in graph_ops  # the dedup sort: proves the nested update graph was scanned
+    forbidden = {"Unique", "UniqueV2", "UniqueWithCounts", "Where", "BooleanMask"}
+    assert not graph_ops & forbidden, graph_ops & forbidden
+    hlo = step.experimental_get_compiler_ir(*args)(stage="hlo")
+    assert "<=" not in hlo  # no bounded-dynamic dimensions
+    assert "f64" not in hlo
