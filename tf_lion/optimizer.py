@@ -6,6 +6,7 @@ The math is in `tf_lion.update`; nothing here writes the formula.
 """
 
 import numbers
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -309,23 +310,46 @@ class Lion(keras_optimizer.Optimizer):
         """
         if not getattr(self, "_built", False):
             self._build_index_dict(var_list)
+        without_state = []
         for var in var_list:
             var = _unwrap(var)
+            created = []
             if not self._slots.has(var, "m"):
                 dtype = self._momentum_dtype or _true_dtype(var)
-                self._slots.create(var, "m", dtype)
+                created.append(self._slots.create(var, "m", dtype))
             if self.use_ema and not self._slots.has(var, "average"):
-                self._slots.create(var, "average", _true_dtype(var), initial_value=var)
+                created.append(self._slots.create(var, "average", _true_dtype(var), initial_value=var))
+            if any(fresh for _, fresh in created):
+                without_state.append(var.name)
+        if without_state:
+            warnings.warn(
+                f"Optimizer '{self.name}': {len(without_state)} variable(s) were restored from a "
+                "checkpoint that holds no Lion state for them, so their momentum starts at zero: "
+                f"{without_state[:5]}{' ...' if len(without_state) > 5 else ''}. To resume the "
+                "momentum, restore the optimizer in the same tf.train.Checkpoint as the model.",
+                stacklevel=2,
+            )
         self._built = True
 
     def get_slot_names(self):
         """Slot names, for the checkpoint slot-variable protocol."""
+        # A checkpoint being written asks for the names, then for the slots of
+        # every object in it, root first: the next `get_slot` call sees the root.
+        self._checkpoint_root_probe = True
+        return self._slot_names()
+
+    def _slot_names(self):
         return ["m", "average"] if self.use_ema else ["m"]
 
     def get_slot(self, var, slot_name):
         """The slot `slot_name` ("m" or "average") of variable `var`."""
-        if slot_name not in self.get_slot_names():
-            raise KeyError(f"Lion has no slot '{slot_name}'; its slots are {self.get_slot_names()}.")
+        if getattr(self, "_checkpoint_root_probe", False):
+            self._checkpoint_root_probe = False
+            if not isinstance(var, tf.Variable):  # a checkpoint's root: check what it holds
+                slots_lib.warn_slots_not_in_checkpoint(
+                    var, self._slots.owners(), self._var_key, self.name)
+        if slot_name not in self._slot_names():
+            raise KeyError(f"Lion has no slot '{slot_name}'; its slots are {self._slot_names()}.")
         slot = self._slots.get(_unwrap(var), slot_name)
         if slot is None:
             raise KeyError(f"Variable '{var.name}' has no '{slot_name}' slot yet (not built).")

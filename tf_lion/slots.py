@@ -14,6 +14,8 @@ optimizer's first step, or before a lazily built layer creates its variables)
 is queued here and filled in the moment the slot is created.
 """
 
+import warnings
+
 import tensorflow as tf
 
 __all__ = ["SlotStore", "check_slot_shape"]
@@ -41,6 +43,7 @@ class SlotStore:
     def __init__(self, key_fn):
         self._key_fn = key_fn
         self._slots = {}  # key -> {slot name: tf.Variable}
+        self._owners = {}  # key -> the variable the slots belong to
         self._order = []  # keys in the order their first slot was created
         self._deferred = {}  # (key, slot name) -> [CheckpointPosition]
 
@@ -54,8 +57,16 @@ class SlotStore:
         """All slots of one name, in the order their variables were built."""
         return [self._slots[k][slot_name] for k in self._order if slot_name in self._slots[k]]
 
+    def owners(self):
+        return list(self._owners.values())
+
     def create(self, variable, slot_name, dtype, initial_value=None):
-        """Creates the slot next to `variable` (same strategy, same device)."""
+        """Creates the slot next to `variable` (same strategy, same device).
+
+        Returns `(slot, restored_without_state)`: the second is True when the
+        variable was restored from a checkpoint that held no such slot for it
+        (so the slot starts from its initial value, not from the checkpoint).
+        """
         key = self._key_fn(variable)
         if initial_value is None:
             initial_value = tf.zeros(variable.shape, dtype=dtype)
@@ -72,12 +83,14 @@ class SlotStore:
         if key not in self._slots:
             self._slots[key] = {}
             self._order.append(key)
+            self._owners[key] = variable
         self._slots[key][slot_name] = slot
         positions = self._deferred.pop((key, slot_name), [])
         # Highest restore UID first: later restores win, as in OptimizerV2.
         for position in sorted(positions, key=lambda p: p.restore_uid, reverse=True):
             position.restore(slot)
-        return slot
+        restored_without_state = not positions and getattr(variable, "_self_update_uid", -1) >= 0
+        return slot, restored_without_state
 
     def create_or_restore(self, position, slot_name, variable):
         """Restores `position` into the slot, or queues it until it exists."""
@@ -88,3 +101,27 @@ class SlotStore:
             return None
         position.restore(slot)
         return slot
+
+
+def warn_slots_not_in_checkpoint(root, owners, key_fn, optimizer_name):
+    """Warns when a checkpoint rooted at `root` cannot save some slots.
+
+    Slots are saved only through their variables: a variable that is not in
+    the same checkpoint (e.g. `tf.train.Checkpoint(optimizer=opt)` without the
+    model) loses its slots from that checkpoint.
+    """
+    reachable = {key_fn(v) for v in tf.train.TrackableView(root).descendants()
+                 if isinstance(v, tf.Variable)}
+    missing = [v.name for v in owners if key_fn(v) not in reachable]
+    if missing:
+        warnings.warn(
+            f"Optimizer '{optimizer_name}': the slots (momentum) of {len(missing)} "
+            f"variable(s) are NOT saved in this checkpoint because the variables "
+            f"themselves are not in it: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+            "Slots are keyed to their variables; put the model in the same "
+            "tf.train.Checkpoint as the optimizer, e.g. "
+            "tf.train.Checkpoint(model=model, optimizer=optimizer).",
+            stacklevel=2,
+        )
+        return missing
+    return []

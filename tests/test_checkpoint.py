@@ -1,0 +1,233 @@
+"""Checkpoints: momentum (and EMA) saved as slots keyed to their variables."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import tf_lion
+
+VOCAB, DIM = 30, 4
+
+
+class Net(tf_keras.Model):
+    """Layers keyed by attribute name; `reverse` creates them (and orders
+    `trainable_variables`) the other way round, `extra_layer` adds one."""
+
+    def __init__(self, reverse=False, extra_layer=False):
+        super().__init__()
+        if reverse:
+            self.out = tf_keras.layers.Dense(1)
+            self.dense = tf_keras.layers.Dense(3)
+            self.emb = tf_keras.layers.Embedding(VOCAB, DIM)
+        else:
+            self.emb = tf_keras.layers.Embedding(VOCAB, DIM)
+            self.dense = tf_keras.layers.Dense(3)
+            self.out = tf_keras.layers.Dense(1)
+        self.extra = tf_keras.layers.Dense(3) if extra_layer else None
+
+    def call(self, x):
+        x = self.dense(tf.reduce_mean(self.emb(x), axis=1))
+        if self.extra is not None:
+            x = self.extra(x)
+        return self.out(x)
+
+
+def _model(seed=0, build=True, **kwargs):
+    tf_keras.utils.set_random_seed(seed)
+    model = Net(**kwargs)
+    if build:
+        model(tf.zeros([1, 5], tf.int32))
+    return model
+
+
+def _named(model):
+    """Variables by a name that does not depend on creation order."""
+    return {f"{layer}/{v.name.split('/')[-1]}": v
+            for layer in ("emb", "dense", "extra", "out") if getattr(model, layer) is not None
+            for v in getattr(model, layer).trainable_variables}
+
+
+def _batches(n, seed=5):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, VOCAB, (8, 5)).astype(np.int32),
+             rng.standard_normal((8, 1)).astype(np.float32)) for _ in range(n)]
+
+
+def _optimizer(**kwargs):
+    schedule = tf_keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=2, decay_rate=0.7)
+    defaults = dict(learning_rate=schedule, weight_decay=0.1, use_ema=True, ema_momentum=0.9,
+                    jit_compile=False)
+    defaults.update(kwargs)
+    return tf_lion.Lion(**defaults)
+
+
+def _train(model, opt, batches):
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    for x, y in batches:
+        step(x, y)
+
+
+def _state(model, opt):
+    named = _named(model)
+    out = {n: v.numpy() for n, v in named.items()}
+    for n, v in named.items():
+        for slot in opt.get_slot_names():
+            out[f"{n}/{slot}"] = opt.get_slot(v, slot).numpy()
+    out["iterations"] = opt.iterations.numpy()
+    return out
+
+
+def _assert_states_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_exact_resume(tmp_path, sparse_mode, jit_compile):
+    batches = _batches(6)
+    model, opt = _model(), _optimizer(sparse_mode=sparse_mode, jit_compile=jit_compile)
+    _train(model, opt, batches)
+    uninterrupted = _state(model, opt)
+
+    model, opt = _model(), _optimizer(sparse_mode=sparse_mode, jit_compile=jit_compile)
+    _train(model, opt, batches[:3])
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+    del model, opt
+
+    model, opt = _model(seed=99), _optimizer(sparse_mode=sparse_mode, jit_compile=jit_compile)
+    status = tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    _train(model, opt, batches[3:])
+    status.assert_consumed()
+    _assert_states_equal(uninterrupted, _state(model, opt))
+
+
+def _train_one_and_save(tmp_path):
+    model, opt = _model(), _optimizer(use_ema=False, learning_rate=0.01)
+    _train(model, opt, _batches(2))
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+    saved = {n: (v.numpy(), opt.get_slot(v, "m").numpy()) for n, v in _named(model).items()}
+    return path, saved, [v.name for v in model.trainable_variables]
+
+
+def test_restore_into_other_variable_order(tmp_path):
+    path, saved, order = _train_one_and_save(tmp_path)
+    model, opt = _model(seed=3, reverse=True), _optimizer(use_ema=False, learning_rate=0.01)
+    assert [v.name for v in model.trainable_variables] != order  # really another order
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path).assert_existing_objects_matched()
+    opt.build(model.trainable_variables)
+    for name, v in _named(model).items():
+        np.testing.assert_array_equal(v.numpy(), saved[name][0])
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), saved[name][1])
+
+
+def test_restore_into_model_with_extra_layer(tmp_path):
+    path, saved, _ = _train_one_and_save(tmp_path)
+    model, opt = _model(seed=3, extra_layer=True), _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path).expect_partial()
+    opt.build(model.trainable_variables)
+    fresh = [n for n in _named(model) if n.startswith("extra")]
+    assert fresh
+    for name, v in _named(model).items():
+        m = opt.get_slot(v, "m").numpy()
+        expected = np.zeros_like(m) if name in fresh else saved[name][1]
+        np.testing.assert_array_equal(m, expected)
+
+
+def test_deferred_restore_before_build_and_before_first_call(tmp_path):
+    path, saved, _ = _train_one_and_save(tmp_path)
+    model = _model(seed=7, build=False)  # no variables exist yet
+    opt = _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    assert not model.weights and not opt._slots.ordered("m")
+    model(tf.zeros([1, 5], tf.int32))  # first call creates (and restores) the variables
+    opt.build(model.trainable_variables)  # building creates (and restores) the slots
+    for name, v in _named(model).items():
+        np.testing.assert_array_equal(v.numpy(), saved[name][0])
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), saved[name][1])
+    assert int(opt.iterations) == 2
+
+
+def test_checkpoint_without_optimizer_state_warns_and_keeps_zero_momentum(tmp_path):
+    model = _model()
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "model_only"))
+    restored, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=restored, optimizer=opt).restore(path).expect_partial()
+    with pytest.warns(UserWarning, match="no Lion state.*momentum starts at zero"):
+        opt.build(restored.trainable_variables)
+    for a, b in zip(model.trainable_variables, restored.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(opt.get_slot(b, "m").numpy(), np.zeros(b.shape))
+
+
+def test_no_warning_when_state_is_restored(tmp_path, recwarn):
+    path, _, _ = _train_one_and_save(tmp_path)
+    model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    opt.build(model.trainable_variables)
+    assert not [w for w in recwarn if "Lion" in str(w.message)]
+
+
+def test_optimizer_only_checkpoint_warns_that_slots_are_dropped(tmp_path, recwarn):
+    model, opt = _model(), _optimizer(use_ema=False, learning_rate=0.01)
+    _train(model, opt, _batches(1))
+    with pytest.warns(UserWarning, match="NOT saved.*model in the same"):
+        tf.train.Checkpoint(optimizer=opt).save(str(tmp_path / "opt_only"))
+    recwarn.clear()
+    tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "both"))
+    assert not [w for w in recwarn if "NOT saved" in str(w.message)]
+
+
+def test_checkpoint_keys_are_slot_keys_not_list_positions(tmp_path):
+    path, _, _ = _train_one_and_save(tmp_path)
+    keys = [k for k, _ in tf.train.list_variables(path)]
+    slot_keys = [k for k in keys if ".OPTIMIZER_SLOT/optimizer/m" in k]
+    assert len(slot_keys) == 5  # embeddings, 2 kernels, 2 biases
+    assert "model/emb/embeddings/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE" in keys
+    assert not [k for k in keys if "optimizer/_variables/" in k and not k.endswith("/0/.ATTRIBUTES/VARIABLE_VALUE")]
+
+
+def test_slot_shape_mismatch_names_variable_and_both_shapes(tmp_path):
+    var = tf.Variable(tf.zeros([4, 2]), name="table")
+    opt = tf_lion.Lion()
+    opt.apply_gradients([(tf.ones([4, 2]), var)])
+    path = tf.train.Checkpoint(v=var, optimizer=opt).save(str(tmp_path / "ckpt"))
+    # Same checkpoint key, another shape: the variable is left out of this restore so
+    # only the slot can fail (a variable's own mismatch raises TensorFlow's error).
+    bigger = tf.Variable(tf.zeros([6, 2]), name="table")
+    opt2 = tf_lion.Lion()
+    opt2.build([bigger])
+    with pytest.raises(ValueError, match=r"'table:0' has shape \[4, 2\].*variable has shape \[6, 2\]"):
+        status = tf.train.Checkpoint(v=bigger, optimizer=opt2).restore(path)
+    np.testing.assert_array_equal(opt2.get_slot(bigger, "m").numpy(), np.zeros([6, 2]))
+
+
+def test_variable_shape_mismatch_is_an_error(tmp_path):
+    path, _, _ = _train_one_and_save(tmp_path)
+    tf_keras.utils.set_random_seed(0)
+    model = Net()
+    model.emb = tf_keras.layers.Embedding(VOCAB + 5, DIM)
+    model(tf.zeros([1, 5], tf.int32))
+    with pytest.raises(ValueError, match=r"embeddings.*\[30, 4\].*\[35, 4\]"):
+        tf.train.Checkpoint(model=model, optimizer=_optimizer(use_ema=False)).restore(path)
+
+
+def test_corrupted_checkpoint_raises_and_restores_nothing(tmp_path):
+    path, _, _ = _train_one_and_save(tmp_path)
+    data = [p for p in tmp_path.iterdir() if ".data-" in p.name][0]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
+    model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)
+    before = [v.numpy() for v in model.trainable_variables]
+    # TensorFlow's own error (for a truncated data file its reader raises IndexError).
+    with pytest.raises((tf.errors.DataLossError, tf.errors.OutOfRangeError, IndexError)):
+        tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    for v, b in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
