@@ -231,3 +231,67 @@ def test_corrupted_checkpoint_raises_and_restores_nothing(tmp_path):
         tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
     for v, b in zip(model.trainable_variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def _compiled(seed=0, **kwargs):
+    model = _model(seed=seed)
+    model.compile(optimizer=_optimizer(**kwargs), loss="mse")
+    return model
+
+
+def _fit_data():
+    x = np.concatenate([b[0] for b in _batches(8)])
+    y = np.concatenate([b[1] for b in _batches(8)])
+    return x, y
+
+
+def _fit_state(model):
+    return _state(model, model.optimizer)
+
+
+@pytest.mark.parametrize("fmt", ["tf", "weights.h5"])
+def test_save_weights_load_weights_keep_optimizer_state(tmp_path, fmt):
+    x, y = _fit_data()
+    model = _compiled()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    path = str(tmp_path / ("w" if fmt == "tf" else "model.weights.h5"))
+    model.save_weights(path)
+    restored = _compiled(seed=9)
+    if fmt == "weights.h5":
+        restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(path)
+    if fmt == "tf":
+        restored.optimizer.build(restored.trainable_variables)
+    _assert_states_equal(_fit_state(model), _fit_state(restored))
+
+
+def test_model_checkpoint_callback_keeps_optimizer_state(tmp_path):
+    x, y = _fit_data()
+    model = _compiled(use_ema=False)  # fit's final EMA overwrite happens after the last save
+    path = str(tmp_path / "best.keras")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+              callbacks=[tf_keras.callbacks.ModelCheckpoint(path)])
+    loaded = tf_keras.models.load_model(path)
+    _assert_states_equal(_fit_state(model), _fit_state(loaded))
+
+
+class _Interrupt(tf_keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("preempted")
+
+
+def test_backup_and_restore_resumes_exactly(tmp_path):
+    x, y = _fit_data()
+    reference = _compiled()
+    reference.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False)
+
+    backup = str(tmp_path / "backup")
+    model = _compiled()
+    with pytest.raises(RuntimeError, match="preempted"):
+        model.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False,
+                  callbacks=[tf_keras.callbacks.BackupAndRestore(backup), _Interrupt()])
+    resumed = _compiled(seed=5)
+    resumed.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False,
+                callbacks=[tf_keras.callbacks.BackupAndRestore(backup)])
+    _assert_states_equal(_fit_state(reference), _fit_state(resumed))
