@@ -295,3 +295,129 @@ def test_backup_and_restore_resumes_exactly(tmp_path):
     resumed.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False,
                 callbacks=[tf_keras.callbacks.BackupAndRestore(backup)])
     _assert_states_equal(_fit_state(reference), _fit_state(resumed))
+
+
+def _mirrored_step(strategy, model, opt):
+    @tf.function
+    def step(x, y):
+        def replica(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum((model(x) - y) ** 2) / 8.0  # / global batch
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+        strategy.run(replica, args=(x, y))
+
+    def run(batches):
+        for x, y in batches:
+            halves = strategy.experimental_distribute_values_from_function(
+                lambda ctx: (x[4 * ctx.replica_id_in_sync_group:][:4],
+                             y[4 * ctx.replica_id_in_sync_group:][:4]))
+            step(*halves)
+    return run
+
+
+def _build(strategy, seed, sparse_mode):
+    with strategy.scope():
+        model = _model(seed=seed)
+        opt = _optimizer(sparse_mode=sparse_mode, jit_compile=True)
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return model, opt, _mirrored_step(strategy, model, opt)
+    return model, opt, lambda batches: _train(model, opt, batches)
+
+
+def _assign_state(model, opt, state):
+    opt.build(model.trainable_variables)
+    for name, v in _named(model).items():
+        v.assign(state[name])
+        for slot in opt.get_slot_names():
+            opt.get_slot(v, slot).assign(state[f"{name}/{slot}"])
+    opt.iterations.assign(state["iterations"])
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("direction", ["mirrored_to_single", "single_to_mirrored"])
+def test_restore_across_strategies(tmp_path, direction, sparse_mode):
+    """Save with one replica count, restore with another: the state arrives bitwise, and
+    continuing equals continuing from the same state moved across without a checkpoint."""
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    single = tf.distribute.get_strategy()
+    source, target = (mirrored, single) if direction == "mirrored_to_single" else (single, mirrored)
+    batches = _batches(5)
+
+    model, opt, run = _build(source, 0, sparse_mode)
+    run(batches[:3])
+    saved = _state(model, opt)
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+    if isinstance(opt.get_slot(model.emb.embeddings, "m"), tf.distribute.DistributedValues):
+        assert direction == "mirrored_to_single"
+
+    restored_model, restored_opt, restored_run = _build(target, 11, sparse_mode)
+    tf.train.Checkpoint(model=restored_model, optimizer=restored_opt).restore(path)
+    restored_opt.build(restored_model.trainable_variables)
+    _assert_states_equal(saved, _state(restored_model, restored_opt))
+    if direction == "single_to_mirrored":  # every replica got the value
+        m = restored_opt.get_slot(restored_model.emb.embeddings, "m")
+        for component in m.values:
+            np.testing.assert_array_equal(component.numpy(), saved["emb/embeddings:0/m"])
+    restored_run(batches[3:])
+
+    moved_model, moved_opt, moved_run = _build(target, 12, sparse_mode)
+    _assign_state(moved_model, moved_opt, saved)
+    moved_run(batches[3:])
+    _assert_states_equal(_state(moved_model, moved_opt), _state(restored_model, restored_opt))
+
+
+_CRASH_SCRIPT = r"""
+import sys, numpy as np, tensorflow as tf
+sys.path.insert(0, sys.argv[2])
+import tf_lion
+var = tf.Variable(tf.random.stateless_normal([3000, 10000], seed=[1, 2]))  # 120 MB
+opt = tf_lion.Lion()
+ckpt = tf.train.Checkpoint(var=var, optimizer=opt)
+manager = tf.train.CheckpointManager(ckpt, sys.argv[1], max_to_keep=3)
+opt.apply_gradients([(tf.ones_like(var), var)])
+manager.save()
+print("saved-1", float(var[0, 0]), flush=True)
+opt.apply_gradients([(tf.ones_like(var), var)])
+print("saving-2", flush=True)
+manager.save()
+print("saved-2", flush=True)
+"""
+
+
+def test_killed_during_save_leaves_previous_checkpoint_restorable(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt_dir = tmp_path / "ckpts"
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_SCRIPT, str(ckpt_dir), root],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first_value = None
+        deadline = time.time() + 120
+        for line in proc.stdout:
+            if line.startswith("saved-1"):
+                first_value = float(line.split()[1])
+            if line.startswith("saving-2"):
+                time.sleep(0.05)
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert time.time() < deadline
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    assert latest is not None and latest.endswith("ckpt-1"), latest  # the save was cut short
+    var = tf.Variable(tf.zeros([3000, 10000]))
+    opt = tf_lion.Lion()
+    tf.train.Checkpoint(var=var, optimizer=opt).restore(latest).assert_existing_objects_matched()
+    opt.build([var])
+    assert float(var[0, 0]) == first_value
+    assert int(opt.iterations) == 1
+    np.testing.assert_array_equal(opt.get_slot(var, "m").numpy()[:2, :3], np.full([2, 3], np.float32(1) - np.float32(0.99)))

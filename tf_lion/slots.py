@@ -14,6 +14,7 @@ optimizer's first step, or before a lazily built layer creates its variables)
 is queued here and filled in the moment the slot is created.
 """
 
+import contextlib
 import warnings
 
 import tensorflow as tf
@@ -31,6 +32,29 @@ def check_slot_shape(variable, slot_name, saved_shape):
             f"variable has shape {variable.shape.as_list()}. The checkpoint "
             "does not fit this model; nothing was restored into this slot."
         )
+
+
+@contextlib.contextmanager
+def _variable_strategy_scope(variable):
+    """The strategy `variable` belongs to, entered if we are outside any scope.
+
+    A slot must be the same kind of variable as its variable (mirrored for a
+    mirrored one, and so on), even when the optimizer is built outside
+    `strategy.scope()`.
+    """
+    owner = getattr(variable, "_distribute_strategy", None)
+    if owner is not None and not tf.distribute.has_strategy():
+        with owner.scope():
+            yield owner
+        return
+    current = tf.distribute.get_strategy()
+    if owner is not None and owner is not current:
+        raise ValueError(
+            f"Variable '{variable.name}' was created under {type(owner).__name__}, but the "
+            f"optimizer is creating its slots under {type(current).__name__}. Create the "
+            "model and the optimizer, and apply gradients, under the same strategy."
+        )
+    yield current
 
 
 class SlotStore:
@@ -72,14 +96,14 @@ class SlotStore:
             initial_value = tf.zeros(variable.shape, dtype=dtype)
         else:
             initial_value = tf.cast(initial_value, dtype)
-        strategy = tf.distribute.get_strategy()
-        with strategy.extended.colocate_vars_with(variable):
-            slot = tf.Variable(
-                initial_value,
-                name=f"{slot_name}/{variable._shared_name}",
-                dtype=dtype,
-                trainable=False,
-            )
+        with _variable_strategy_scope(variable) as strategy:
+            with strategy.extended.colocate_vars_with(variable):
+                slot = tf.Variable(
+                    initial_value,
+                    name=f"{slot_name}/{variable._shared_name}",
+                    dtype=dtype,
+                    trainable=False,
+                )
         if key not in self._slots:
             self._slots[key] = {}
             self._order.append(key)
