@@ -360,6 +360,13 @@ class Lion(keras_optimizer.Optimizer):
         del slot_variable_shape  # the variable's own shape is checked instead
         return self._slots.create_or_restore(slot_variable_position, slot_name, _unwrap(variable))
 
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        # OptimizerV2 checkpoints (legacy tf-keras, the paper's TF2 Lion) save the
+        # step as "iter": restore it into `iterations`. Saving is unchanged.
+        if name == "iter":
+            return self._iterations
+        return super()._lookup_dependency(name, cached_dependencies)
+
     @property
     def variables(self):
         """`[iterations, m(v_0), ..., m(v_n), average(v_0), ..., average(v_n)]`.
