@@ -308,8 +308,6 @@ class Lion(keras_optimizer.Optimizer):
         Unlike tf-keras, variables first seen after the first step get their
         slots then; slots are keyed to variables, never to positions.
         """
-        if not getattr(self, "_built", False):
-            self._build_index_dict(var_list)
         without_state = []
         for var in var_list:
             var = _unwrap(var)
@@ -428,9 +426,13 @@ class Lion(keras_optimizer.Optimizer):
                     variable.assign(variable.constraint(variable))
             return iteration
 
-    def _update_fn(self, hyperparameters):
-        """The per-device update of one variable, for `strategy.extended.update`."""
-        lr, beta_1, beta_2 = hyperparameters
+    def _update_fn(self):
+        """Resolves this step's hyperparameters; returns `(update_fn, weight_decay)`.
+
+        `update_fn(var, grad, momentum, wd)` updates one variable on one device
+        (the shape `strategy.extended.update` calls).
+        """
+        lr, beta_1, beta_2, weight_decay = self._current_hyperparameters()
 
         def update_fn(var, grad, momentum, wd):
             deps = []
@@ -442,7 +444,7 @@ class Lion(keras_optimizer.Optimizer):
                     return self._compiled_apply(getattr(var, "_unique_id", id(var)), *args)
                 return _apply_lion(*args)
 
-        return update_fn
+        return update_fn, weight_decay
 
     def _weight_decay_for(self, var, weight_decay):
         if weight_decay is None or not self._use_weight_decay(var):
@@ -453,14 +455,12 @@ class Lion(keras_optimizer.Optimizer):
         """Updates one variable (tf-keras API); `apply_gradients` is the usual entry."""
         variable = _unwrap(variable)
         self.build([variable])
-        lr, beta_1, beta_2, weight_decay = self._current_hyperparameters()
-        update_fn = self._update_fn((lr, beta_1, beta_2))
+        update_fn, weight_decay = self._update_fn()
         return update_fn(variable, gradient, self._slots.get(variable, "m"),
                          self._weight_decay_for(variable, weight_decay))
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, **kwargs):
-        lr, beta_1, beta_2, weight_decay = self._current_hyperparameters()
-        update_fn = self._update_fn((lr, beta_1, beta_2))
+        update_fn, weight_decay = self._update_fn()
         for grad, var in grads_and_vars:
             var = _unwrap(var)
             distribution.extended.update(
