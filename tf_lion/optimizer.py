@@ -184,8 +184,8 @@ class Lion(keras_optimizer.Optimizer):
       clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
       ema_overwrite_frequency, name: as in every tf-keras optimizer.
       jit_compile: compile the update with XLA, on every device: one program
-        per step for all variables of a device (tf-keras turns XLA off
-        without a GPU; tf_lion does not).
+        per step for each group of up to 16 variables of a device (tf-keras
+        turns XLA off without a GPU; tf_lion does not).
       gradient_accumulation_steps: None, or an int N >= 1: gradients are
         averaged over N calls of `apply_gradients`; variables, momentum and
         EMA change on every Nth call only. `iterations` counts every call.
@@ -593,8 +593,8 @@ class Lion(keras_optimizer.Optimizer):
         `update_fn(first_var, variables, grads, slots, weight_decays, finite,
         seeds)` does one step of `variables` (lists), which live on the device
         `strategy.extended.update` runs it for (`first_var` picks the device).
-        With `jit_compile` they are one XLA program: all variables of a device
-        when they share it, else one call per variable.
+        With `jit_compile` they are one XLA program: a group of up to 16
+        variables of a device when they share it, else one variable.
         """
         lr, beta_1, beta_2, weight_decay = self._current_hyperparameters()
         ema_momentum = self._resolve(self.ema_momentum) if self.use_ema else None
@@ -654,7 +654,7 @@ class Lion(keras_optimizer.Optimizer):
         per_variable = [(grad, *self._variable_args(var, weight_decay, step))
                         for (grad, _), var in zip(grads_and_vars, variables)]
         if step_lib.fusable(distribution, variables):
-            groups = [list(range(len(variables)))]  # all variables share the device(s)
+            groups = step_lib.fusion_groups(variables)  # they share the device(s)
         else:
             groups = [[i] for i in range(len(variables))]
         for group in groups:
