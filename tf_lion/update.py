@@ -326,29 +326,29 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
     """Lion with the densified gradient, without building the dense gradient.
 
     Every row moves as the dense update would move it: rows in `indices` with
-    their duplicate-summed gradient, all other rows with `g = 0`.
+    their duplicate-summed gradient, all other rows with `g = 0`. The dense
+    gradient is never built. The touched rows are computed from their own
+    old values and scattered in place over a zero-gradient pass of the table:
 
-    Without XLA the dense gradient is never built: the touched rows are
-    computed first, from the old values; then the whole table takes the
-    zero-gradient step, and the touched rows are scattered over it in place.
-    Under XLA (compiled by the optimizer or inside your own
-    `tf.function(jit_compile=True)`) the deduplicated rows are scattered into
-    a zero table that XLA fuses into the dense step, which then runs in
-    place: the same numbers as `dense_update` with the densified gradient.
+    * without XLA, the touched rows are computed first; then the whole table
+      takes the zero-gradient step and the rows are scattered over it;
+    * under XLA (compiled by the optimizer or inside your own
+      `tf.function(jit_compile=True)`), the zero-gradient pass leaves the
+      touched rows as they are (a per-row mask), so they can be gathered
+      after it from the updated tables: both tables are then updated in
+      place, one pass each (measured at 1M x 64 on 2 CPU cores: 33 ms, against
+      55 ms for scattering the rows into a zero gradient table and running
+      the dense step).
+
+    Same numbers as `dense_update` with the densified gradient, except that
+    an untouched momentum of -0.0 stays -0.0 (the dense step adds
+    `(1 - beta_2) * 0` and makes it +0.0).
     """
-    if _in_xla_context():
-        # XLA fuses the zero table and the scatter into one in-place pass and
-        # updates theta and m in place; the two-pass form below makes it copy
-        # both tables (measured: 52 vs 74 ms at 1M x 64 on 2 CPU cores).
-        indices, rows = deduplicate_indices(indices, values)
-        shape = variable.shape if variable.shape.is_fully_defined() else tf.raw_ops.VariableShape(
-            input=variable.handle)
-        dense = tf.tensor_scatter_nd_update(tf.zeros(shape, values.dtype),
-                                            tf.expand_dims(indices, -1), rows)
-        return dense_update(variable, momentum, dense, lr, beta_1, beta_2, weight_decay, seed,
-                            momentum_first)
     dtype = compute_dtype(variable.dtype, momentum.dtype)
     hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+    if _in_xla_context():
+        return _exact_sparse_update_in_place(variable, momentum, indices, values, dtype, hypers,
+                                             seed, momentum_first)
     indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers,
                                                seed, momentum_first)
     with tf.control_dependencies([theta_rows, m_rows]):  # read the old rows first
@@ -361,6 +361,49 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
     with tf.control_dependencies([table]):
         return tf.group(variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
                         momentum.scatter_update(tf.IndexedSlices(m_rows, indices)))
+
+
+def _exact_sparse_update_in_place(variable, momentum, indices, values, dtype, hypers, seed,
+                                  momentum_first):
+    """`exact_sparse_update` as XLA updates it in place (see there).
+
+    1. A per-row mask of the touched rows (out-of-range padding rows are
+       dropped by XLA's scatter).
+    2. The zero-gradient pass, masked: theta, then m. The theta pass reads the
+       old m; the m pass overwrites m in place, so it must run after the
+       theta pass. Nothing else orders them, and XLA would copy the whole
+       momentum to keep both orders possible: `_false_after(theta)` is a
+       False that depends on the new theta, and ORing it into the mask
+       orders the m pass after the theta pass at the cost of one element.
+    3. The touched rows, still holding their old values, are gathered from
+       the updated tables, stepped with their gradient and scattered back.
+    """
+    rows = variable.shape[0]
+    if rows is None:
+        rows = tf.raw_ops.VariableShape(input=variable.handle, out_type=indices.dtype)[0]
+    rank = variable.shape.rank
+    touched = tf.tensor_scatter_nd_update(
+        tf.zeros(tf.reshape(rows, [1]), tf.bool), tf.expand_dims(indices, -1),
+        tf.ones_like(indices, tf.bool))
+    touched = tf.reshape(touched, [-1] + [1] * (rank - 1))
+    theta, m = variable.read_value(), momentum.read_value()
+    new_theta, new_m = lion_step(_cast(theta, dtype), _cast(m, dtype), None, *hypers,
+                                 momentum_first=momentum_first)
+    new_theta = tf.where(touched, theta, _cast_out(new_theta, variable.dtype, seed, 0))
+    touched = tf.logical_or(touched, _false_after(new_theta))
+    new_m = tf.where(touched, m, _cast_out(new_m, momentum.dtype, seed, 1))
+    table = tf.group(variable.assign(new_theta), momentum.assign(new_m))
+    with tf.control_dependencies([table]):
+        indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype,
+                                                   hypers, seed, momentum_first)
+        return tf.group(variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
+                        momentum.scatter_update(tf.IndexedSlices(m_rows, indices)))
+
+
+def _false_after(x):
+    """A boolean scalar that is always False but depends on (one element of) `x`."""
+    first = tf.cast(tf.reshape(x, [-1])[:1], tf.float32)
+    return tf.reduce_any(tf.logical_and(tf.math.is_nan(first), tf.math.is_finite(first)))
 
 
 def ema_update(average, value, ema_momentum):
