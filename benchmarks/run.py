@@ -72,7 +72,7 @@ _BF16 = ("tf_lion", "tf_lion_nojit", "tf_lion_mbf16", "tf_lion_mbf16_nojit", "tf
          "tf_keras_lion", "keras3_lion", "tf_keras_adam", "legacy_adam")
 _SPARSE = ("tf_lion_exact", "tf_lion_exact_nojit", "tf_lion_lazy", "tf_lion_lazy_nojit",
            "tf_keras_lion", "keras3_lion", "tf_keras_adam", "legacy_adam")
-_TINY_VARS = _DENSE + ("empty_call",)
+_TINY_VARS = _DENSE + ("empty_call", "captures_floor")
 
 
 def _split(total, parts):
@@ -199,6 +199,7 @@ _LABELS = {
     "tf_keras_adam": "tf-keras Adam",
     "legacy_adam": "legacy Adam (fused)",
     "empty_call": "(empty tf.function call)",
+    "captures_floor": "(tf.function capturing vars, slots, grads)",
 }
 ALL_COMPETITORS = tuple(_LABELS)
 
@@ -262,6 +263,24 @@ class Competitor:
             self.variables, self.optimizer = [], None
             self.step = tf.function(lambda: tf.identity(counter))
             self.notes = "a tf.function that only reads a scalar variable: per-call floor"
+            return
+        if key == "captures_floor":
+            # What calling any optimizer's step costs here before it computes
+            # anything: a tf.function that captures every variable, one slot
+            # per variable and every gradient, and hands them all to one op.
+            counter = tf.Variable(0, dtype=tf.int64, name="counter")
+            self.variables = [tf.Variable(t, name=f"v{i}") for i, t in enumerate(data.init)]
+            slots = [tf.Variable(tf.zeros_like(t), name=f"m{i}") for i, t in enumerate(data.init)]
+            handles = [v.handle for v in self.variables + slots]
+            grads = list(data.grads)
+            self.optimizer = None
+
+            def captures():
+                tf.raw_ops.IdentityN(input=handles + grads)
+                return tf.identity(counter)
+            self.step = tf.function(captures)
+            self.notes = ("capture floor: one op over the captured variables, slots and "
+                          "gradients; subtract it for an optimizer's own per-variable cost")
             return
         if key == "keras3_lion":
             keras = _keras3()
@@ -575,6 +594,11 @@ def format_table(report):
     lines.append(f"bandwidth {bw['median_gb_per_s']:.1f} GB/s (median of "
                  f"{bw['interleaved_samples']} interleaved passes; best "
                  f"{bw['best_gb_per_s']:.1f}); floors: {floors}")
+    above = [r for r in report["results"] if "us_per_var_above_captures" in r]
+    for name in dict.fromkeys(r["scenario"] for r in above):
+        costs = ", ".join(f"{r['optimizer']} {_fmt(r['us_per_var_above_captures'])}"
+                          for r in above if r["scenario"] == name)
+        lines.append(f"{name}, us/var/step above the capture floor: {costs}")
     for s in report["skipped"]:
         lines.append(f"skipped in {s['scenario']}: {s['optimizer']}: {s['reason']}")
     return "\n".join(lines)
@@ -644,6 +668,12 @@ def run(scenario_names=None, quick=False, tiny=False, repeats=None, json_path=No
     floors = {info["name"]: info["floor_ms"] for info in report["scenarios"]}
     for r in report["results"]:
         r["x_floor"] = r["median_ms"] / floors[r["scenario"]]
+    captured = {r["scenario"]: r["median_ms"] for r in report["results"]
+                if r["key"] == "captures_floor"}
+    for r in report["results"]:
+        if r["scenario"] in captured and r["key"] not in ("captures_floor", "empty_call"):
+            n = next(s["num_vars"] for s in report["scenarios"] if s["name"] == r["scenario"])
+            r["us_per_var_above_captures"] = (r["median_ms"] - captured[r["scenario"]]) * 1e3 / n
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     if json_path:

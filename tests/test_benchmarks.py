@@ -132,7 +132,7 @@ def _tiny_report(tmp_path, argv=()):
     path = tmp_path / "report.json"
     code = bench.main(["--tiny", "--scenarios", "A,D500,E", "--repeats", "2", "--json", str(path),
                        "--optimizers", "tf_lion,tf_lion_nojit,tf_lion_exact,tf_lion_lazy,"
-                       "tf_keras_lion,keras3_lion,legacy_adam,empty_call", *argv])
+                       "tf_keras_lion,keras3_lion,legacy_adam,empty_call,captures_floor", *argv])
     return code, path
 
 
@@ -161,8 +161,14 @@ def test_tiny_run_writes_the_documented_json(tmp_path, capsys):
                               "legacy_adam")
     } | {
         ("E", k) for k in ("tf_lion", "tf_lion_nojit", "tf_keras_lion", "keras3_lion",
-                           "legacy_adam", "empty_call")
+                           "legacy_adam", "empty_call", "captures_floor")
     }
+    floor = rows[("E", "captures_floor")]["median_ms"]
+    for key in ("tf_lion", "tf_keras_lion", "legacy_adam"):
+        r = rows[("E", key)]
+        assert r["us_per_var_above_captures"] == pytest.approx(
+            (r["median_ms"] - floor) * 1e3 / 6)  # 6 tiny variables
+    assert "us_per_var_above_captures" not in rows[("A", "tf_lion")]
     for r in report["results"]:
         assert len(r["samples_ms"]) == 2
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]

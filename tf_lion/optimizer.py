@@ -617,7 +617,7 @@ class Lion(keras_optimizer.Optimizer):
                                                 finite, apply_now, seeds, options)
                 grads = [step_lib.pad_to_bucket(v, g) if isinstance(g, tf.IndexedSlices) else g
                          for v, g in zip(variables, grads)]
-                key = tuple(getattr(v, "_unique_id", id(v)) for v in variables)
+                key = step_lib.trace_key(variables)
                 return self._compiled_step(key, variables, grads, slots, hypers, decayed, finite,
                                            apply_now, seeds, options)
 
