@@ -166,6 +166,15 @@ def test_one_program_per_group_of_variables(rng, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_fusion_groups_put_large_variables_alone():
+    small, large = tf.Variable(tf.zeros([4])), tf.Variable(tf.zeros([512, 512]))
+    variables = [small] * 20 + [large] + [small] * 3
+    assert step_lib.fusion_groups(variables) == [
+        list(range(16)), [20], [16, 17, 18, 19, 21, 22, 23]]
+    assert step_lib.fusion_groups([large, large]) == [[0], [1]]
+    assert step_lib.fusion_groups([]) == []
+
+
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_traces_are_shared_only_where_variables_are_arguments(mirrored):
     """Without a strategy, same-shaped variable groups share one trace, also

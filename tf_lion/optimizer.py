@@ -184,8 +184,9 @@ class Lion(keras_optimizer.Optimizer):
       clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
       ema_overwrite_frequency, name: as in every tf-keras optimizer.
       jit_compile: compile the update with XLA, on every device: one program
-        per step for each group of up to 16 variables of a device (tf-keras
-        turns XLA off without a GPU; tf_lion does not).
+        per step for each group of up to 16 variables of a device, one for
+        each variable of 2^18 elements or more (tf-keras turns XLA off
+        without a GPU; tf_lion does not).
       gradient_accumulation_steps: None, or an int N >= 1: gradients are
         averaged over N calls of `apply_gradients`; variables, momentum and
         EMA change on every Nth call only. `iterations` counts every call.

@@ -192,19 +192,34 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
 # against the program's input/output aliases); in groups of 16 it stays small.
 # Measured with 300 variables of shape [4] per step: one program 29 us/var,
 # groups of 100 24, of 20 20, of 10 19.8, of 5 20.7 (benchmark floor of the
-# harness included, ~9 us/var on that run). Large variables are bandwidth
-# bound, and smaller groups run concurrently: 10 variables of 1M, one program
-# 8.3 ms, one per variable 7.2 ms.
+# harness included, ~9 us/var on that run).
 FUSION_GROUP_SIZE = 16
+# Variables of at least this many elements get a program of their own: they
+# are bound by memory bandwidth, and separate launches can run concurrently.
+# Measured, 10 variables of 1000 x 1000 in one process: one program 8.1 ms,
+# one per variable 6.9 ms (8.6 and 8.1 ms in a second, busier run).
+LARGE_VARIABLE = 2 ** 18
 
 
-def fusion_groups(variables, size=FUSION_GROUP_SIZE):
-    """Indices of `variables` in groups of at most `size`, in order.
+def fusion_groups(variables, size=FUSION_GROUP_SIZE, large=LARGE_VARIABLE):
+    """Indices of `variables` grouped for `device_step`, in order.
 
-    Each group is updated by one compiled program (`device_step`).
+    Variables of `large` elements or more (or of unknown size) alone; the
+    others in groups of at most `size`. Each group is one compiled program.
     """
-    indices = list(range(len(variables)))
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    groups, current = [], []
+    for i, var in enumerate(variables):
+        elements = var.shape.num_elements()
+        if elements is None or elements >= large:
+            groups.append([i])
+            continue
+        current.append(i)
+        if len(current) == size:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
 
 
 def trace_key(variables):
