@@ -159,9 +159,9 @@ def test_one_program_per_group_of_variables(rng, monkeypatch):
     assert fused_opt._compiled_step.experimental_get_tracing_count() == 2  # 16 + 15
     monkeypatch.setattr(step_lib, "fusable", lambda *args: False)
     single_opt, single = run()
-    # one program per variable; traces shared by same-shaped variables: (5,), the
-    # 2-D ones ((3, 4) and (7, 2): reduce_retracing relaxes their shapes), the table
-    assert single_opt._compiled_step.experimental_get_tracing_count() == 3
+    # one program per variable; traces shared by same-shaped variables only:
+    # (5,), (3, 4), (7, 2) and the table
+    assert single_opt._compiled_step.experimental_get_tracing_count() == 4
     for a, b in zip(fused, single):
         np.testing.assert_array_equal(a, b)
 
@@ -207,6 +207,44 @@ def test_traces_are_shared_only_where_variables_are_arguments(mirrored):
     else:
         assert len(traces) == 1
         assert [c for c in traces[0].captured_inputs if c.dtype == tf.resource] == []
+
+
+@pytest.mark.parametrize("sparse_mode, accumulation", [("exact", None), ("lazy", 2)])
+def test_shared_traces_never_mix_shapes(sparse_mode, accumulation, rng, monkeypatch):
+    """Groups of the same structure but other shapes get their own trace.
+
+    Shared by a relaxed signature (`reduce_retracing`), a trace kept the static
+    row count of the table it was traced with: exact sparse then left the
+    other tables' untouched rows undecayed, and lazy accumulation failed on
+    the touched-row mask. Same bits as one trace per variable set.
+    """
+    shapes = [(100, 8)] + [(3,)] * 15 + [(7, 8)] + [(3,)] * 15 + [(50, 8)] + [(3,)] * 15
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+    def grad(shape):
+        if len(shape) == 2:
+            return tf.IndexedSlices(tf.constant(rng.standard_normal((3, 8)), tf.float32),
+                                    tf.constant([0, 2, 2]), tf.constant(shape))
+        return tf.constant(rng.standard_normal(shape), tf.float32)
+    grads = [grad(s) for s in shapes]
+
+    def run():
+        variables = [tf.Variable(v) for v in values]
+        opt = tf_lion.Lion(0.1, weight_decay=0.5, sparse_mode=sparse_mode,
+                           gradient_accumulation_steps=accumulation)
+        step = tf.function(lambda: opt.apply_gradients(zip(grads, variables)))
+        for _ in range(4):
+            step()
+        return opt, [v.numpy() for v in variables]
+
+    shared_opt, shared = run()
+    assert shared_opt._compiled_step.experimental_get_tracing_count() == 3
+    monkeypatch.setattr(step_lib, "trace_key", lambda vs: tuple(id(v) for v in vs))
+    _, separate = run()
+    for a, b in zip(shared, separate):
+        np.testing.assert_array_equal(a, b)
+    # row 40 of the 50-row table gets no gradient: exact moves it, lazy keeps it
+    assert np.array_equal(shared[32][40], values[32][40]) == (sparse_mode == "lazy")
 
 
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])

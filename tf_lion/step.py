@@ -226,16 +226,19 @@ def trace_key(variables):
     """Which traces (and XLA programs) of `device_step` `variables` may share.
 
     Without a distribution strategy, variables are arguments of the trace:
-    groups with the same shapes, dtypes and options share one trace and one
-    compiled program, `None` here (measured, 19 groups of 16 tiny variables:
-    6.3 ms per step with a program per group, 5.0 ms with one shared).
-    Under a strategy, `tf.function` captures the per-device variables
-    instead, so a trace belongs to the variables it was traced with; shared,
-    it would keep updating those (tested). There the key is the variables'
-    identities.
+    groups with the same shapes and dtypes share one trace and one compiled
+    program (measured, 19 groups of 16 tiny variables: 6.3 ms per step with
+    a program per group, 5.0 ms with one shared). The key holds the exact
+    shapes, because `reduce_retracing` would otherwise relax a trace to
+    variables of other shapes while the graph keeps the first one's static
+    shapes (row counts of exact sparse masks, accumulator masks). Under a
+    strategy, `tf.function` captures the per-device variables instead, so a
+    trace belongs to the variables it was traced with; shared, it would keep
+    updating those (tested). There the key is the variables' identities.
     """
     if not tf.distribute.has_strategy():
-        return None
+        return tuple((None if v.shape.rank is None else tuple(v.shape), v.dtype.name)
+                     for v in variables)
     return tuple(getattr(v, "_unique_id", id(v)) for v in variables)
 
 
