@@ -1,4 +1,4 @@
-"""The fast paths: in-place formulation, one program per step, padded sparse rows.
+"""The fast paths: in-place formulation, grouped and shared programs, padded sparse rows.
 
 No timings here (benchmarks/ measures); these tests check that each fast path
 gives the right numbers and has the structure that makes it fast.
