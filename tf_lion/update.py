@@ -284,6 +284,12 @@ def _rows_update(variable, momentum, indices, values, dtype, hypers, seed, momen
     return indices, _cast(new_theta, variable.dtype), _cast(new_m, momentum.dtype)
 
 
+def _write_rows(variable, momentum, indices, theta_rows, m_rows):
+    """Scatters stepped rows into the variable and its momentum, in place."""
+    return tf.group(variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
+                    momentum.scatter_update(tf.IndexedSlices(m_rows, indices)))
+
+
 def _round_rows(rows, dtype, seed, salt, sorted_indices):
     """Stochastic rounding of deduplicated rows; every copy of a row rounds alike.
 
@@ -315,10 +321,7 @@ def lazy_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
     hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
     indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers,
                                                seed, momentum_first)
-    return tf.group(
-        variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
-        momentum.scatter_update(tf.IndexedSlices(m_rows, indices)),
-    )
+    return _write_rows(variable, momentum, indices, theta_rows, m_rows)
 
 
 def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
@@ -359,8 +362,7 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
         table = tf.group(variable.assign(_cast_out(new_theta, variable.dtype, seed, 0)),
                          momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
     with tf.control_dependencies([table]):
-        return tf.group(variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
-                        momentum.scatter_update(tf.IndexedSlices(m_rows, indices)))
+        return _write_rows(variable, momentum, indices, theta_rows, m_rows)
 
 
 def _exact_sparse_update_in_place(variable, momentum, indices, values, dtype, hypers, seed,
@@ -396,8 +398,7 @@ def _exact_sparse_update_in_place(variable, momentum, indices, values, dtype, hy
     with tf.control_dependencies([table]):
         indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype,
                                                    hypers, seed, momentum_first)
-        return tf.group(variable.scatter_update(tf.IndexedSlices(theta_rows, indices)),
-                        momentum.scatter_update(tf.IndexedSlices(m_rows, indices)))
+        return _write_rows(variable, momentum, indices, theta_rows, m_rows)
 
 
 def _false_after(x):
