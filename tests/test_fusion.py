@@ -110,6 +110,51 @@ def test_compiled_update_has_no_table_sized_copy(rule, monkeypatch):
         assert len(_table_copies(unordered, shape)) >= 1
 
 
+def _ops(fn):
+    return [op.type for op in tf.function(fn).get_concrete_function().graph.get_operations()]
+
+
+@pytest.mark.parametrize("rule", ["dense", "exact"])
+def test_graph_mode_steps_theta_with_the_fused_kernel(rule, rng):
+    """Without XLA, `theta - lr * direction` is one in-place kernel for float32
+    variables (one pass over memory instead of two), and the same numbers as
+    the numpy reference bit for bit, at sizes where the kernels vectorize."""
+    shape = (257, 67)  # odd sizes: vector loops and their scalar tails
+    theta, m = _random_pair(rng, shape)
+    idx = rng.integers(0, shape[0], 300).astype(np.int64)
+    vals = rng.standard_normal((300, shape[1])).astype(np.float32)
+    g = ref.densify(idx, vals, shape[0]) if rule == "exact" else \
+        rng.standard_normal(shape).astype(np.float32)
+    var, mom = tf.Variable(theta), tf.Variable(m)
+
+    def step():
+        if rule == "exact":
+            update_lib.exact_sparse_update(var, mom, tf.constant(idx), tf.constant(vals),
+                                           0.01, 0.9, 0.99, 0.1)
+        else:
+            update_lib.dense_update(var, mom, tf.constant(g), 0.01, 0.9, 0.99, 0.1)
+    assert _ops(step).count("ResourceApplyGradientDescent") == 1
+    want_theta, want_m = theta, m
+    for run in (step, tf.function(step)):  # eager, then graph
+        run()
+        want_theta, want_m, _ = ref.step(want_theta, want_m, g, 0.01, 0.9, 0.99, 0.1)
+        np.testing.assert_array_equal(var.numpy(), want_theta)
+        np.testing.assert_array_equal(mom.numpy(), want_m)
+    # bfloat16 variables are computed in float32 and rounded once: no fused kernel.
+    low, low_m = tf.Variable(tf.cast(theta, tf.bfloat16)), tf.Variable(m)
+
+    def low_step():
+        update_lib.dense_update(low, low_m, tf.cast(g, tf.bfloat16), 0.01, 0.9, 0.99, 0.1)
+    assert "ResourceApplyGradientDescent" not in _ops(low_step)
+
+
+def _random_pair(rng, shape):
+    theta = rng.standard_normal(shape).astype(np.float32)
+    m = rng.standard_normal(shape).astype(np.float32)
+    m[rng.random(shape) < 0.1] = 0.0  # sign(0) where the gradient is zero too
+    return theta, m
+
+
 def test_exact_sparse_under_xla_equals_dense_update_bitwise(rng):
     shape = (50, 4)
     theta = rng.standard_normal(shape).astype(np.float32)

@@ -36,6 +36,7 @@ from tensorflow.python.ops import control_flow_util
 __all__ = [
     "compute_dtype",
     "lion_step",
+    "lion_direction",
     "dense_update",
     "deduplicate_indices",
     "exact_sparse_update",
@@ -60,8 +61,12 @@ def compute_dtype(*dtypes):
     return tf.float32
 
 
-def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay=None, momentum_first=False):
-    """One Lion step on tensors; returns `(new_theta, new_m)`.
+def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_first=False):
+    """Lion's update direction and new momentum; returns `(direction, new_m)`.
+
+    `direction = sign(c) + weight_decay * theta` with
+    `c = beta_1 * m + (1 - beta_1) * g`, and `new_m = beta_2 * m + (1 - beta_2) * g`:
+    the step is `theta - lr * direction` (see `lion_step`).
 
     Args:
       theta: parameter values.
@@ -70,14 +75,10 @@ def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay=None, momentum_first
         for the rows an exact sparse update does not touch). With `None` the
         terms `(1 - beta) * 0` are left out, which changes nothing but the
         sign of a zero.
-      lr, beta_1, beta_2: scalars in the dtype of `theta`.
+      beta_1, beta_2: scalars in the dtype of `theta`.
       weight_decay: scalar or `None` (no decay term at all).
       momentum_first: compute the new momentum first and the direction from
         it (requires `beta_2 > 0`; see below).
-
-    Returns:
-      `theta - lr * (sign(c) + weight_decay * theta)` and
-      `beta_2 * m + (1 - beta_2) * g`, where `c = beta_1 * m + (1 - beta_1) * g`.
 
     With `momentum_first=True` the direction is rebuilt from the new momentum:
 
@@ -102,10 +103,22 @@ def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay=None, momentum_first
     else:
         c = beta_1 * m + (1.0 - beta_1) * g
         new_m = beta_2 * m + (1.0 - beta_2) * g
-    step = tf.sign(c)
+    direction = tf.sign(c)
     if weight_decay is not None:
-        step = step + weight_decay * theta
-    return theta - lr * step, new_m
+        direction = direction + weight_decay * theta
+    return direction, new_m
+
+
+def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay=None, momentum_first=False):
+    """One Lion step on tensors; returns `(new_theta, new_m)`.
+
+    `theta - lr * (sign(c) + weight_decay * theta)` and
+    `beta_2 * m + (1 - beta_2) * g`, where `c = beta_1 * m + (1 - beta_1) * g`.
+    `lr` is a scalar in the dtype of `theta`; the other arguments are those
+    of `lion_direction`, which computes everything but the final step.
+    """
+    direction, new_m = lion_direction(theta, m, g, beta_1, beta_2, weight_decay, momentum_first)
+    return theta - lr * direction, new_m
 
 
 def _in_xla_context():
@@ -186,16 +199,30 @@ def dense_update(variable, momentum, gradient, lr, beta_1, beta_2, weight_decay=
     """
     dtype = compute_dtype(variable.dtype, momentum.dtype)
     lr, beta_1, beta_2, weight_decay = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
-    new_theta, new_m = lion_step(
-        _cast(variable.read_value(), dtype),
-        _cast(momentum.read_value(), dtype),
-        _cast(gradient, dtype),
-        lr, beta_1, beta_2, weight_decay, momentum_first,
+    theta = _cast(variable.read_value(), dtype)
+    direction, new_m = lion_direction(
+        theta, _cast(momentum.read_value(), dtype), _cast(gradient, dtype),
+        beta_1, beta_2, weight_decay, momentum_first,
     )
     return tf.group(
-        variable.assign(_cast_out(new_theta, variable.dtype, seed, 0)),
+        _apply_direction(variable, theta, direction, lr, seed),
         momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)),
     )
+
+
+def _apply_direction(variable, theta, direction, lr, seed):
+    """`variable <- theta - lr * direction`, stored in the variable's dtype.
+
+    `theta` is the variable's value as read (in the compute dtype). Without
+    XLA, for a variable stored in the compute dtype, TF's fused
+    `ResourceApplyGradientDescent` kernel computes `theta - lr * direction`
+    in place: the same two roundings in one pass over memory instead of two
+    (XLA fuses the plain form by itself).
+    """
+    if variable.dtype == direction.dtype and not _in_xla_context():
+        return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
+                                                       delta=direction)
+    return variable.assign(_cast_out(theta - lr * direction, variable.dtype, seed, 0))
 
 
 def masked_update(variable, momentum, gradient, mask, lr, beta_1, beta_2, weight_decay=None,
@@ -354,12 +381,12 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
                                              seed, momentum_first)
     indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers,
                                                seed, momentum_first)
+    lr, beta_1, beta_2, weight_decay = hypers
     with tf.control_dependencies([theta_rows, m_rows]):  # read the old rows first
-        new_theta, new_m = lion_step(
-            _cast(variable.read_value(), dtype), _cast(momentum.read_value(), dtype), None,
-            *hypers, momentum_first=momentum_first,
-        )
-        table = tf.group(variable.assign(_cast_out(new_theta, variable.dtype, seed, 0)),
+        theta = _cast(variable.read_value(), dtype)
+        direction, new_m = lion_direction(theta, _cast(momentum.read_value(), dtype), None,
+                                          beta_1, beta_2, weight_decay, momentum_first)
+        table = tf.group(_apply_direction(variable, theta, direction, lr, seed),
                          momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
     with tf.control_dependencies([table]):
         return _write_rows(variable, momentum, indices, theta_rows, m_rows)
