@@ -18,6 +18,7 @@ import exact_problem as ep
 import tf_lion
 from conftest import fresh_collective_keys
 from tf_lion import distribute as distribute_lib
+from tf_lion import step as step_lib
 from tf_lion import update as update_lib
 
 VOCAB, DIM, SEQ = ep.VOCAB, ep.DIM, ep.SEQ
@@ -106,6 +107,27 @@ def test_strategy_equals_single_device_bitwise(name, sparse_mode, jit_compile):
     for p0, p in zip(initial, got[:3]):
         assert np.all(p0 != p) if sparse_mode == "exact" else np.any(p0 != p)
     assert got[-1] == STEPS
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("name", ["default", "mirrored", "central_storage"])
+def test_ordered_updates_without_xla_change_no_bits(name, sparse_mode, monkeypatch):
+    """Without XLA, updates of variables of >= CHAIN_MIN_ELEMENTS elements are
+    ordered into chains per device (tf_lion/step.py). Here every variable is
+    ordered (the problem's variables are small): same bits as unordered."""
+    kwargs = dict(sparse_mode=sparse_mode, jit_compile=False)
+    expected = _state(*_train(_strategy("default"), **kwargs))
+    chained = []
+    add = step_lib.UpdateChains.add
+    monkeypatch.setattr(step_lib, "CHAIN_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(step_lib.UpdateChains, "add",
+                        lambda self, v, fn: (chained.append(v.device), add(self, v, fn))[1])
+    got = _state(*_train(_strategy(name), **kwargs))
+    _assert_same(got, expected)
+    # Each trace orders the 3 variables on each device (mirrored: 2 devices).
+    devices = set(chained)
+    assert len(devices) == (2 if name == "mirrored" else 1)
+    assert all(chained.count(d) % 3 == 0 and chained.count(d) > 0 for d in devices)
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

@@ -148,6 +148,59 @@ def test_graph_mode_steps_theta_with_the_fused_kernel(rule, rng):
     assert "ResourceApplyGradientDescent" not in _ops(low_step)
 
 
+def test_update_chains_order_large_updates_per_chain_and_device():
+    big = [tf.Variable(tf.zeros([16, 16]), name=f"big{i}") for i in range(5)]
+    small = tf.Variable(tf.zeros([4]), name="small")
+    with tf.device("/cpu:1"):
+        other = tf.Variable(tf.zeros([16, 16]), name="other_device")
+    created, results = {}, {}
+
+    @tf.function
+    def step():
+        chains = step_lib.UpdateChains(chains=2)
+        graph = tf.compat.v1.get_default_graph()
+        for v in big + [small, other]:
+            before = set(graph.get_operations())
+            results[v.name] = chains.add(v, lambda v=v: v.assign_add(tf.ones_like(v)))
+            created[v.name] = [op for op in graph.get_operations() if op not in before]
+
+    step.get_concrete_function()
+
+    def waits_for(name):
+        """The updates whose result `name`'s update has as a control input."""
+        inputs = {c for op in created[name] for c in op.control_inputs}
+        return sorted(n for n, r in results.items() if r.op in inputs)
+    # Two chains on cpu:0: 0 -> 2 -> 4 and 1 -> 3; the small variable and the
+    # variable of another device wait for nothing.
+    assert [waits_for(f"big{i}:0") for i in range(5)] == [
+        [], [], ["big0:0"], ["big1:0"], ["big2:0"]]
+    assert waits_for("small:0") == [] and waits_for("other_device:0") == []
+
+
+def test_chained_graph_mode_optimizer_equals_reference(rng):
+    """Without XLA the updates of variables of >= CHAIN_MIN_ELEMENTS are
+    ordered; the numbers are the numpy reference's, bit for bit."""
+    shapes = [(16, 17)] * 5 + [(3,), (300,)]
+    assert sum(int(np.prod(s)) >= step_lib.CHAIN_MIN_ELEMENTS for s in shapes) == 6
+    theta = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    variables = [tf.Variable(t) for t in theta]
+    opt = tf_lion.Lion(learning_rate=0.01, beta_1=0.9, beta_2=0.99, weight_decay=0.1,
+                       jit_compile=False)
+
+    @tf.function
+    def step(gs):
+        opt.apply_gradients(zip(gs, variables))
+    m = [np.zeros(s, np.float32) for s in shapes]
+    for gs in grads:
+        step([tf.constant(g) for g in gs])
+        for i, g in enumerate(gs):
+            theta[i], m[i], _ = ref.step(theta[i], m[i], g, 0.01, 0.9, 0.99, 0.1)
+    for v, t, mm in zip(variables, theta, m):
+        np.testing.assert_array_equal(v.numpy(), t)
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), mm)
+
+
 def _random_pair(rng, shape):
     theta = rng.standard_normal(shape).astype(np.float32)
     m = rng.standard_normal(shape).astype(np.float32)

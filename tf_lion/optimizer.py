@@ -605,6 +605,7 @@ class Lion(keras_optimizer.Optimizer):
             apply_now = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
         accumulation_steps = self.gradient_accumulation_steps if self._accumulating else None
         options = (self.sparse_mode, accumulation_steps, self._momentum_first)
+        chains = None if self.jit_compile else step_lib.UpdateChains()
 
         def update_fn(first_var, variables, grads, slots, weight_decays, finite, seeds):
             del first_var
@@ -615,7 +616,7 @@ class Lion(keras_optimizer.Optimizer):
             with tf.control_dependencies(deps):
                 if not self.jit_compile:
                     return step_lib.device_step(None, variables, grads, slots, hypers, decayed,
-                                                finite, apply_now, seeds, options)
+                                                finite, apply_now, seeds, options, chains)
                 grads = [step_lib.pad_to_bucket(v, g) if isinstance(g, tf.IndexedSlices) else g
                          for v, g in zip(variables, grads)]
                 key = step_lib.trace_key(variables)

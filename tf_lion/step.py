@@ -15,6 +15,7 @@ the variables of one device, as plain functions the optimizer hands to
 * small helpers: index checks, unscaling, the non-finite test, seeds.
 """
 
+import os
 import zlib
 
 import numpy as np
@@ -167,7 +168,7 @@ def pad_to_bucket(variable, grad):
 
 
 def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now, seeds,
-                options):
+                options, chains=None):
     """`variable_step` for a list of variables on one device.
 
     The optimizer compiles it with `tf.function(jit_compile=True)` as one XLA
@@ -177,13 +178,70 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
     (`trace_key`) says which sets of variables may share a trace. `hypers` is
     `(lr, beta_1, beta_2, weight_decay, ema_momentum)`, passed once (each
     argument of the program costs time at every call); `decayed[i]` says
-    whether variable i takes weight decay.
+    whether variable i takes weight decay. Without XLA, `chains`
+    (`UpdateChains`) orders the updates of the variables.
     """
     del key
     lr, beta_1, beta_2, weight_decay, ema_momentum = hypers
     for var, grad, var_slots, decay, seed in zip(variables, grads, slots, decayed, seeds):
         var_hypers = (lr, beta_1, beta_2, weight_decay if decay else None, ema_momentum)
-        variable_step(var, grad, var_slots, var_hypers, finite, apply_now, seed, options)
+
+        def step(var=var, grad=grad, var_slots=var_slots, var_hypers=var_hypers, seed=seed):
+            return variable_step(var, grad, var_slots, var_hypers, finite, apply_now, seed,
+                                 options)
+        if chains is None:
+            step()
+        else:
+            chains.add(var, step)
+
+
+# Without XLA, each op of an update is one pass over the variable's memory.
+# Left alone, TensorFlow's executor starts the first ops of every variable's
+# update before it finishes any, so the data of all variables is in flight at
+# once and every pass comes from DRAM. `UpdateChains` orders the updates of
+# variables of at least CHAIN_MIN_ELEMENTS elements into one chain per core
+# (an update starts when the previous one of its chain has finished), so the
+# data of a few variables at a time stays in cache. Measured on 2 cores,
+# float32, in one process against unordered: 10 x 1M elements 13.3 -> 12.1 ms,
+# 300 x 33k 19.0 -> 12.6 ms, 300 x 4096 8.5 -> 6.7 ms, 300 x 256 3.3 -> 3.1 ms;
+# 300 x 4 elements was slower ordered (3.5 -> 4.0 ms): there the cost is per
+# op, not per byte, and the executor runs unordered ops side by side.
+CHAIN_MIN_ELEMENTS = 256
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class UpdateChains:
+    """Orders the updates of one step without XLA: `chains` chains per device.
+
+    `add(variable, fn)` builds `fn()` (the variable's update) with a control
+    dependency on the last update of its chain. Chains are per device, so
+    replicas and parameter servers never wait for each other. Variables
+    smaller than `min_elements` (or of unknown size) are not ordered, nor
+    anything eager or compiled by XLA (the compiler schedules its program).
+    """
+
+    def __init__(self, chains=None, min_elements=None):
+        self._chains = max(1, chains or _cores())
+        self._min_elements = CHAIN_MIN_ELEMENTS if min_elements is None else min_elements
+        self._last = {}  # device -> (next chain, [last op of each chain])
+
+    def add(self, variable, fn):
+        elements = variable.shape.num_elements()
+        if (elements is None or elements < self._min_elements or tf.executing_eagerly()
+                or update_lib.in_xla_context()):
+            return fn()
+        turn, last = self._last.setdefault(variable.device, [0, [None] * self._chains])
+        with tf.control_dependencies([] if last[turn] is None else [last[turn]]):
+            op = fn()
+        last[turn] = op
+        self._last[variable.device][0] = (turn + 1) % self._chains
+        return op
 
 
 # At most this many variables go into one compiled update program. One XLA

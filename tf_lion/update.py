@@ -121,7 +121,7 @@ def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay=None, momentum_first
     return theta - lr * direction, new_m
 
 
-def _in_xla_context():
+def in_xla_context():
     """Whether the ops being built will be compiled by XLA (a trace-time fact)."""
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
@@ -219,7 +219,7 @@ def _apply_direction(variable, theta, direction, lr, seed):
     in place: the same two roundings in one pass over memory instead of two
     (XLA fuses the plain form by itself).
     """
-    if variable.dtype == direction.dtype and not _in_xla_context():
+    if variable.dtype == direction.dtype and not in_xla_context():
         return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
                                                        delta=direction)
     return variable.assign(_cast_out(theta - lr * direction, variable.dtype, seed, 0))
@@ -376,7 +376,7 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
     """
     dtype = compute_dtype(variable.dtype, momentum.dtype)
     hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
-    if _in_xla_context():
+    if in_xla_context():
         return _exact_sparse_update_in_place(variable, momentum, indices, values, dtype, hypers,
                                              seed, momentum_first)
     indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers,
