@@ -5,7 +5,9 @@ gives the right numbers and has the structure that makes it fast.
 """
 
 import gc
+import platform
 import re
+import types
 
 import numpy as np
 import pytest
@@ -133,7 +135,8 @@ def test_graph_mode_steps_theta_with_the_fused_kernel(rule, rng):
                                            0.01, 0.9, 0.99, 0.1)
         else:
             update_lib.dense_update(var, mom, tf.constant(g), 0.01, 0.9, 0.99, 0.1)
-    assert _ops(step).count("ResourceApplyGradientDescent") == 1
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert _ops(step).count("ResourceApplyGradientDescent") == (1 if x86 else 0)
     want_theta, want_m = theta, m
     for run in (step, tf.function(step)):  # eager, then graph
         run()
@@ -146,6 +149,28 @@ def test_graph_mode_steps_theta_with_the_fused_kernel(rule, rng):
     def low_step():
         update_lib.dense_update(low, low_m, tf.cast(g, tf.bfloat16), 0.01, 0.9, 0.99, 0.1)
     assert "ResourceApplyGradientDescent" not in _ops(low_step)
+
+
+def test_fused_kernel_only_on_x86_cpus_and_theta_read_only_when_decayed():
+    """GPU kernels contract `theta - lr * direction` into one multiply-add
+    (one rounding instead of two), so the fused kernel is for CPUs only; and
+    without weight decay the in-place step does not read theta at all (on a
+    table in copy-on-read mode a read copies the table)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+
+    def var(device, dtype=tf.float32):
+        return types.SimpleNamespace(dtype=dtype, device=device)
+    cpu, gpu = "/job:localhost/replica:0/task:0/device:CPU:0", "/job:worker/task:1/device:GPU:0"
+    assert update_lib._steps_in_place(var(cpu), tf.float32) == x86
+    assert update_lib._steps_in_place(var("/job:ps/task:0/device:CPU:0"), tf.float32) == x86
+    assert not update_lib._steps_in_place(var(gpu), tf.float32)
+    assert not update_lib._steps_in_place(var(""), tf.float32)
+    assert not update_lib._steps_in_place(var(cpu, tf.bfloat16), tf.float32)
+    v, m = tf.Variable(tf.ones([300])), tf.Variable(tf.ones([300]))
+    for wd, reads in ((None, 1 if x86 else 2), (0.1, 2)):
+        def step(wd=wd):
+            update_lib.dense_update(v, m, tf.ones([300]), 0.01, 0.9, 0.99, wd)
+        assert _ops(step).count("ReadVariableOp") == reads
 
 
 def test_update_chains_order_large_updates_per_chain_and_device():

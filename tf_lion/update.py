@@ -30,6 +30,8 @@ Both sum duplicate indices before the sign, with static shapes only (a sort,
 never `tf.unique`), so they compile under XLA for TPUs.
 """
 
+import platform
+
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
@@ -199,27 +201,53 @@ def dense_update(variable, momentum, gradient, lr, beta_1, beta_2, weight_decay=
     """
     dtype = compute_dtype(variable.dtype, momentum.dtype)
     lr, beta_1, beta_2, weight_decay = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
-    theta = _cast(variable.read_value(), dtype)
+    in_place = _steps_in_place(variable, dtype)
+    theta = _read_theta(variable, dtype, in_place, weight_decay)
     direction, new_m = lion_direction(
         theta, _cast(momentum.read_value(), dtype), _cast(gradient, dtype),
         beta_1, beta_2, weight_decay, momentum_first,
     )
     return tf.group(
-        _apply_direction(variable, theta, direction, lr, seed),
+        _apply_direction(variable, theta, direction, lr, seed, in_place),
         momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)),
     )
 
 
-def _apply_direction(variable, theta, direction, lr, seed):
+def _steps_in_place(variable, dtype):
+    """Whether `theta - lr * direction` runs as TF's fused in-place kernel.
+
+    `ResourceApplyGradientDescent` computes `theta - lr * direction` with the
+    same two roundings in one pass over memory instead of two. Used without
+    XLA only (XLA fuses the plain form by itself), for a variable stored in
+    the compute dtype, on an x86-64 CPU: GPU kernels are compiled with
+    multiply-add contraction (nvcc `--fmad=true`, clang's CUDA default), which
+    would round once instead of twice, and other CPU builds may contract too.
+    TensorFlow's x86-64 CPU kernels do not (the tests check the bits).
+    """
+    if variable.dtype != dtype or in_xla_context():
+        return False
+    device = tf.DeviceSpec.from_string(variable.device or "").device_type or ""
+    return device.upper() == "CPU" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _read_theta(variable, dtype, in_place, weight_decay):
+    """The variable's value in the compute dtype; None when nothing uses it.
+
+    The in-place step without weight decay never needs it, and a read of a
+    table in copy-on-read mode (after a sparse lookup) copies the table.
+    """
+    if in_place and weight_decay is None:
+        return None
+    return _cast(variable.read_value(), dtype)
+
+
+def _apply_direction(variable, theta, direction, lr, seed, in_place):
     """`variable <- theta - lr * direction`, stored in the variable's dtype.
 
-    `theta` is the variable's value as read (in the compute dtype). Without
-    XLA, for a variable stored in the compute dtype, TF's fused
-    `ResourceApplyGradientDescent` kernel computes `theta - lr * direction`
-    in place: the same two roundings in one pass over memory instead of two
-    (XLA fuses the plain form by itself).
+    `theta` is the variable's value as read (in the compute dtype).
+    `in_place` (`_steps_in_place`): by TF's fused kernel.
     """
-    if variable.dtype == direction.dtype and not in_xla_context():
+    if in_place:
         return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
                                                        delta=direction)
     return variable.assign(_cast_out(theta - lr * direction, variable.dtype, seed, 0))
@@ -382,11 +410,12 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
     indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers,
                                                seed, momentum_first)
     lr, beta_1, beta_2, weight_decay = hypers
+    in_place = _steps_in_place(variable, dtype)
     with tf.control_dependencies([theta_rows, m_rows]):  # read the old rows first
-        theta = _cast(variable.read_value(), dtype)
+        theta = _read_theta(variable, dtype, in_place, weight_decay)
         direction, new_m = lion_direction(theta, _cast(momentum.read_value(), dtype), None,
                                           beta_1, beta_2, weight_decay, momentum_first)
-        table = tf.group(_apply_direction(variable, theta, direction, lr, seed),
+        table = tf.group(_apply_direction(variable, theta, direction, lr, seed, in_place),
                          momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
     with tf.control_dependencies([table]):
         return _write_rows(variable, momentum, indices, theta_rows, m_rows)
