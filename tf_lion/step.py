@@ -229,19 +229,21 @@ class UpdateChains:
     def __init__(self, chains=None, min_elements=None):
         self._chains = max(1, chains or _cores())
         self._min_elements = CHAIN_MIN_ELEMENTS if min_elements is None else min_elements
-        self._last = {}  # device -> (next chain, [last op of each chain])
+        self._turn = {}  # device -> the chain the next update joins
+        self._last = {}  # device -> the last update of each chain
 
     def add(self, variable, fn):
         elements = variable.shape.num_elements()
         if (elements is None or elements < self._min_elements or tf.executing_eagerly()
                 or update_lib.in_xla_context()):
             return fn()
-        turn, last = self._last.setdefault(variable.device, [0, [None] * self._chains])
+        device = variable.device
+        turn = self._turn.get(device, 0)
+        last = self._last.setdefault(device, [None] * self._chains)
         with tf.control_dependencies([] if last[turn] is None else [last[turn]]):
-            op = fn()
-        last[turn] = op
-        self._last[variable.device][0] = (turn + 1) % self._chains
-        return op
+            last[turn] = fn()
+        self._turn[device] = (turn + 1) % self._chains
+        return last[turn]
 
 
 # At most this many variables go into one compiled update program. One XLA
