@@ -200,17 +200,32 @@ def dense_update(variable, momentum, gradient, lr, beta_1, beta_2, weight_decay=
       The grouped assign op.
     """
     dtype = compute_dtype(variable.dtype, momentum.dtype)
-    lr, beta_1, beta_2, weight_decay = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+    hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+    return _step_tables(variable, momentum, _cast(gradient, dtype), dtype, hypers, seed,
+                        momentum_first)
+
+
+def _step_tables(variable, momentum, gradient, dtype, hypers, seed, momentum_first):
+    """The whole variable and momentum take one step; returns the grouped op.
+
+    `gradient` is in the compute `dtype`, or None for a zero gradient. Where
+    `_steps_in_place` allows, theta's step is TF's fused in-place kernel, and
+    theta is read only for the weight decay (a read of a table in
+    copy-on-read mode, after a sparse lookup, copies the table).
+    """
+    lr, beta_1, beta_2, weight_decay = hypers
     in_place = _steps_in_place(variable, dtype)
-    theta = _read_theta(variable, dtype, in_place, weight_decay)
-    direction, new_m = lion_direction(
-        theta, _cast(momentum.read_value(), dtype), _cast(gradient, dtype),
-        beta_1, beta_2, weight_decay, momentum_first,
-    )
-    return tf.group(
-        _apply_direction(variable, theta, direction, lr, seed, in_place),
-        momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)),
-    )
+    theta = None
+    if not in_place or weight_decay is not None:
+        theta = _cast(variable.read_value(), dtype)
+    direction, new_m = lion_direction(theta, _cast(momentum.read_value(), dtype), gradient,
+                                      beta_1, beta_2, weight_decay, momentum_first)
+    if in_place:
+        theta_step = tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
+                                                             delta=direction)
+    else:
+        theta_step = variable.assign(_cast_out(theta - lr * direction, variable.dtype, seed, 0))
+    return tf.group(theta_step, momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
 
 
 def _steps_in_place(variable, dtype):
@@ -228,29 +243,6 @@ def _steps_in_place(variable, dtype):
         return False
     device = tf.DeviceSpec.from_string(variable.device or "").device_type or ""
     return device.upper() == "CPU" and platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _read_theta(variable, dtype, in_place, weight_decay):
-    """The variable's value in the compute dtype; None when nothing uses it.
-
-    The in-place step without weight decay never needs it, and a read of a
-    table in copy-on-read mode (after a sparse lookup) copies the table.
-    """
-    if in_place and weight_decay is None:
-        return None
-    return _cast(variable.read_value(), dtype)
-
-
-def _apply_direction(variable, theta, direction, lr, seed, in_place):
-    """`variable <- theta - lr * direction`, stored in the variable's dtype.
-
-    `theta` is the variable's value as read (in the compute dtype).
-    `in_place` (`_steps_in_place`): by TF's fused kernel.
-    """
-    if in_place:
-        return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
-                                                       delta=direction)
-    return variable.assign(_cast_out(theta - lr * direction, variable.dtype, seed, 0))
 
 
 def masked_update(variable, momentum, gradient, mask, lr, beta_1, beta_2, weight_decay=None,
@@ -409,14 +401,8 @@ def exact_sparse_update(variable, momentum, indices, values, lr, beta_1, beta_2,
                                              seed, momentum_first)
     indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype, hypers,
                                                seed, momentum_first)
-    lr, beta_1, beta_2, weight_decay = hypers
-    in_place = _steps_in_place(variable, dtype)
     with tf.control_dependencies([theta_rows, m_rows]):  # read the old rows first
-        theta = _read_theta(variable, dtype, in_place, weight_decay)
-        direction, new_m = lion_direction(theta, _cast(momentum.read_value(), dtype), None,
-                                          beta_1, beta_2, weight_decay, momentum_first)
-        table = tf.group(_apply_direction(variable, theta, direction, lr, seed, in_place),
-                         momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
+        table = _step_tables(variable, momentum, None, dtype, hypers, seed, momentum_first)
     with tf.control_dependencies([table]):
         return _write_rows(variable, momentum, indices, theta_rows, m_rows)
 
