@@ -111,23 +111,37 @@ def test_strategy_equals_single_device_bitwise(name, sparse_mode, jit_compile):
 
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
 @pytest.mark.parametrize("name", ["default", "mirrored", "central_storage"])
-def test_ordered_updates_without_xla_change_no_bits(name, sparse_mode, monkeypatch):
+def test_ordered_and_fused_updates_without_xla_change_no_bits(name, sparse_mode, monkeypatch):
     """Without XLA, updates of variables of >= CHAIN_MIN_ELEMENTS elements are
-    ordered into chains per device (tf_lion/step.py). Here every variable is
-    ordered (the problem's variables are small): same bits as unordered."""
+    ordered into chains per device (tf_lion/step.py), and those of >=
+    FUSED_MIN_ELEMENTS take the fused arithmetic (tf_lion/update.py). Here
+    every variable does both (the problem's variables are small): the same
+    bits as the plain unordered update, with the fused ops on the variable's
+    own device."""
     kwargs = dict(sparse_mode=sparse_mode, jit_compile=False)
     expected = _state(*_train(_strategy("default"), **kwargs))
-    chained = []
+    chained, fused = [], []
     add = step_lib.UpdateChains.add
     monkeypatch.setattr(step_lib, "CHAIN_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(update_lib, "FUSED_MIN_ELEMENTS", 1)
     monkeypatch.setattr(step_lib.UpdateChains, "add",
                         lambda self, v, fn: (chained.append(v.device), add(self, v, fn))[1])
+    fused_add_scaled = update_lib._fused_add_scaled
+
+    def spy(x, a, y, into=None):
+        out = fused_add_scaled(x, a, y, into)
+        fused.append(out.op.device)
+        return out
+    monkeypatch.setattr(update_lib, "_fused_add_scaled", spy)
     got = _state(*_train(_strategy(name), **kwargs))
     _assert_same(got, expected)
     # Each trace orders the 3 variables on each device (mirrored: 2 devices).
     devices = set(chained)
     assert len(devices) == (2 if name == "mirrored" else 1)
     assert all(chained.count(d) % 3 == 0 and chained.count(d) > 0 for d in devices)
+    # The temporaries live where the variables live.
+    assert fused and {tf.DeviceSpec.from_string(d) for d in fused} == \
+        {tf.DeviceSpec.from_string(d) for d in devices}
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

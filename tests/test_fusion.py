@@ -5,6 +5,7 @@ gives the right numbers and has the structure that makes it fast.
 """
 
 import gc
+import os
 import platform
 import re
 import types
@@ -173,6 +174,128 @@ def test_fused_kernel_only_on_x86_cpus_and_theta_read_only_when_decayed():
         assert _ops(step).count("ReadVariableOp") == reads
 
 
+def _graph_ops(fn):
+    return tf.function(fn).get_concrete_function().graph.get_operations()
+
+
+# The (theta, momentum) dtypes: stored in the compute dtype or not.
+_STORAGE = [("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat16"),
+            ("bfloat16", "bfloat16")]
+
+
+@pytest.mark.parametrize("rule", ["dense", "exact"])
+@pytest.mark.parametrize("momentum_first", [False, True])
+@pytest.mark.parametrize("weight_decay", [None, 0.1])
+@pytest.mark.parametrize("theta_dtype, m_dtype", _STORAGE)
+def test_graph_mode_fuses_each_add_scaled_with_the_same_bits(
+        theta_dtype, m_dtype, weight_decay, momentum_first, rule, rng, monkeypatch):
+    """Without XLA, at FUSED_MIN_ELEMENTS elements or more, each `x + a * y`
+    of the step is TF's fused in-place kernel on a resource that adopts `x`
+    (the momentum variable itself when it is float32), and the numbers are
+    those of the plain ops bit for bit (eager, and graph below the threshold)."""
+    shape = (257, 257)  # 66049 >= FUSED_MIN_ELEMENTS, odd: vector loops and scalar tails
+    assert np.prod(shape) >= update_lib.FUSED_MIN_ELEMENTS
+    theta, m = _random_pair(rng, shape)
+    idx = rng.integers(0, shape[0], 300).astype(np.int64)
+    vals = rng.standard_normal((300, shape[1])).astype(np.float32)
+    grads = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+
+    def run(mode):
+        var = tf.Variable(tf.cast(theta, theta_dtype))
+        mom = tf.Variable(tf.cast(m, m_dtype))
+
+        def step(g):
+            if rule == "exact":
+                update_lib.exact_sparse_update(
+                    var, mom, tf.constant(idx), tf.cast(vals, theta_dtype), 0.01, 0.9, 0.99,
+                    weight_decay, momentum_first=momentum_first)
+            else:
+                update_lib.dense_update(var, mom, g, 0.01, 0.9, 0.99, weight_decay,
+                                        momentum_first=momentum_first)
+        args = [tf.cast(g, theta_dtype) for g in grads]
+        if mode == "graph":
+            ops = _graph_ops(lambda: step(args[0]))
+            types_ = [op.type for op in ops]
+            # momentum, c, direction (with decay) and theta; exact mode's
+            # zero-gradient pass: direction and theta
+            want = (3 if rule == "dense" else 1) + (weight_decay is not None)
+            assert types_.count("ResourceApplyGradientDescent") == (want if x86 else 0)
+            temps = (rule == "dense") * (1 + (m_dtype != "float32")) + \
+                (weight_decay is not None) + (theta_dtype != "float32")
+            assert types_.count("VarHandleOp") == (temps if x86 else 0)
+            step = tf.function(step)
+        for g in args:
+            step(g)
+        return [tf.cast(x, tf.float32).numpy() for x in (var, mom)]
+
+    fused = run("graph")
+    eager = run("eager")
+    monkeypatch.setattr(update_lib, "FUSED_MIN_ELEMENTS", 10**12)
+    plain = run("plain graph")
+    for a, b, c in zip(fused, eager, plain):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    if (theta_dtype, m_dtype, momentum_first, rule) == ("float32", "float32", False, "dense"):
+        want_theta, want_m = theta, m
+        for g in grads:
+            want_theta, want_m, _ = ref.step(want_theta, want_m, g, 0.01, 0.9, 0.99,
+                                             weight_decay or 0.0)
+        np.testing.assert_array_equal(fused[0], want_theta)
+        np.testing.assert_array_equal(fused[1], want_m)
+
+
+def test_fused_arithmetic_only_in_graphs_without_xla_on_large_x86_cpu_variables():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    cpu = "/job:localhost/replica:0/task:0/device:CPU:0"
+
+    def var(device=cpu, shape=(256, 256)):
+        return types.SimpleNamespace(dtype=tf.float32, device=device, shape=tf.TensorShape(shape))
+    assert not update_lib._fuses(var(), tf.float32)  # eagerly
+    seen = {}
+
+    def trace():
+        seen["large"] = update_lib._fuses(var(), tf.float32)
+        seen["ps"] = update_lib._fuses(var("/job:ps/task:1/device:CPU:0"), tf.float32)
+        seen["small"] = update_lib._fuses(var(shape=(255, 256)), tf.float32)
+        seen["unknown size"] = update_lib._fuses(var(shape=(None, 256)), tf.float32)
+        seen["gpu"] = update_lib._fuses(var("/device:GPU:0"), tf.float32)
+        seen["unplaced"] = update_lib._fuses(var(""), tf.float32)
+        return tf.constant(0)
+    tf.function(trace).get_concrete_function()
+    assert seen == {"large": x86, "ps": x86, "small": False, "unknown size": False,
+                    "gpu": False, "unplaced": False}
+    tf.function(trace, jit_compile=True).get_concrete_function()
+    assert not any(seen.values())
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_fused_temporaries_are_freed_within_the_step():
+    """The anonymous resources `_fused_add_scaled` creates are owned by their
+    handles: nothing accumulates from step to step."""
+    n = 2**22  # 16 MB in float32: three temporaries a step would leak 2 GB in 40 steps
+    var, mom = tf.Variable(tf.zeros([n], tf.bfloat16)), tf.Variable(tf.zeros([n], tf.bfloat16))
+    grad = tf.ones([n], tf.bfloat16)
+
+    @tf.function
+    def step():
+        update_lib.dense_update(var, mom, grad, 0.01, 0.9, 0.99, 0.1)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert [op.type for op in step.get_concrete_function().graph.get_operations()].count(
+            "VarHandleOp") == 4
+    for _ in range(3):
+        step()
+    before = _resident_bytes()
+    for _ in range(40):
+        step()
+    assert _resident_bytes() - before < 256 * 2**20
+    assert np.all(var.numpy().astype(np.float32) < 0)  # the steps ran
+
+
 def test_update_chains_order_large_updates_per_chain_and_device():
     big = [tf.Variable(tf.zeros([16, 16]), name=f"big{i}") for i in range(5)]
     small = tf.Variable(tf.zeros([4]), name="small")
@@ -202,9 +325,13 @@ def test_update_chains_order_large_updates_per_chain_and_device():
     assert waits_for("small:0") == [] and waits_for("other_device:0") == []
 
 
-def test_chained_graph_mode_optimizer_equals_reference(rng):
+@pytest.mark.parametrize("fused", [False, True])
+def test_chained_graph_mode_optimizer_equals_reference(fused, rng, monkeypatch):
     """Without XLA the updates of variables of >= CHAIN_MIN_ELEMENTS are
-    ordered; the numbers are the numpy reference's, bit for bit."""
+    ordered (and, with `fused`, every variable takes the fused arithmetic of
+    `_fused_add_scaled`); the numbers are the numpy reference's, bit for bit."""
+    if fused:
+        monkeypatch.setattr(update_lib, "FUSED_MIN_ELEMENTS", 1)
     shapes = [(16, 17)] * 5 + [(3,), (300,)]
     assert sum(int(np.prod(s)) >= step_lib.CHAIN_MIN_ELEMENTS for s in shapes) == 6
     theta = [rng.standard_normal(s).astype(np.float32) for s in shapes]
