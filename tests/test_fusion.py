@@ -269,6 +269,41 @@ def test_fused_arithmetic_only_in_graphs_without_xla_on_large_x86_cpu_variables(
     assert not any(seen.values())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graph_mode_ema_is_updated_in_place_with_the_same_bits(dtype, rng, monkeypatch):
+    """The weights' EMA is another `moving_average`: a float32 average of
+    FUSED_MIN_ELEMENTS or more is updated in place by the fused kernel without
+    XLA; the bits are the plain ops' and numpy's."""
+    shape = (257, 257)
+    average0 = rng.standard_normal(shape).astype(np.float32)
+    values = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+
+    def run():
+        average = tf.Variable(tf.cast(average0, dtype))
+
+        @tf.function
+        def step(v):
+            update_lib.ema_update(average, tf.cast(v, dtype), 0.999)
+        for v in values:
+            step(tf.constant(v))
+        ops = [op.type for op in step.get_concrete_function(tf.constant(values[0])).graph
+               .get_operations()]
+        return tf.cast(average, tf.float32).numpy(), ops
+    fused, ops = run()
+    in_place = x86 and dtype == "float32"
+    assert ops.count("ResourceApplyGradientDescent") == int(in_place)
+    monkeypatch.setattr(update_lib, "FUSED_MIN_ELEMENTS", 10**12)
+    plain, ops = run()
+    assert "ResourceApplyGradientDescent" not in ops
+    np.testing.assert_array_equal(fused, plain)
+    if dtype == "float32":
+        want = average0
+        for v in values:
+            want = np.float32(0.999) * want + (np.float32(1) - np.float32(0.999)) * v
+        np.testing.assert_array_equal(fused, want)
+
+
 def _resident_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

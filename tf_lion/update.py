@@ -42,7 +42,7 @@ __all__ = [
     "compute_dtype",
     "lion_step",
     "lion_direction",
-    "lion_momentum",
+    "moving_average",
     "add_scaled",
     "dense_update",
     "deduplicate_indices",
@@ -79,11 +79,15 @@ def add_scaled(x, a, y):
     return x + a * y
 
 
-def lion_momentum(m, g, beta_2, add_scaled=add_scaled):
-    """The new momentum `beta_2 * m + (1 - beta_2) * g` (`beta_2 * m` if `g` is None)."""
-    if g is None:
-        return beta_2 * m
-    return add_scaled(beta_2 * m, 1.0 - beta_2, g)
+def moving_average(average, value, decay, add_scaled=add_scaled):
+    """`decay * average + (1 - decay) * value` (`decay * average` if `value` is None).
+
+    Lion's new momentum is `moving_average(m, g, beta_2)`; the EMA of the
+    weights (`ema_update`) is another.
+    """
+    if value is None:
+        return decay * average
+    return add_scaled(decay * average, 1.0 - decay, value)
 
 
 def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_first=False,
@@ -107,7 +111,7 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
         it (requires `beta_2 > 0`; see below).
       add_scaled: computes each `x + a * y` (see `add_scaled`).
       new_m: the new momentum, if the caller has computed it already with
-        `lion_momentum` (the momentum variable updated in place).
+        `moving_average` (the momentum variable updated in place).
 
     With `momentum_first=True` the direction is rebuilt from the new momentum:
 
@@ -120,7 +124,7 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
     place (the textbook order makes it copy the whole momentum every step).
     """
     if new_m is None:
-        new_m = lion_momentum(m, g, beta_2, add_scaled)
+        new_m = moving_average(m, g, beta_2, add_scaled)
     if momentum_first:
         c = beta_1 * new_m if g is None else add_scaled(beta_1 * new_m, beta_2 - beta_1, g)
     else:
@@ -246,8 +250,8 @@ def _step_tables(variable, momentum, gradient, dtype, hypers, seed, momentum_fir
         m = _cast(momentum.read_value(), dtype)
         new_m = None  # the momentum variable's new value, if updated in place
         if fused and momentum.dtype == dtype and gradient is not None:
-            new_m = lion_momentum(m, gradient, beta_2,
-                                  functools.partial(_fused_add_scaled, into=momentum))
+            new_m = moving_average(m, gradient, beta_2,
+                                   functools.partial(_fused_add_scaled, into=momentum))
         direction, m_value = lion_direction(theta, m, gradient, beta_1, beta_2, weight_decay,
                                             momentum_first, add, new_m)
         if in_place:
@@ -531,8 +535,19 @@ def _false_after(x):
 
 
 def ema_update(average, value, ema_momentum):
-    """`average = ema_momentum * average + (1 - ema_momentum) * value`, in place."""
+    """`average = ema_momentum * average + (1 - ema_momentum) * value`, in place.
+
+    Where `_fuses` allows and `average` is stored in the compute dtype, the
+    average variable adopts `ema_momentum * average` and takes the rest from
+    TF's fused kernel in place (`_fused_add_scaled`): same bits, one pass less.
+    """
     dtype = compute_dtype(average.dtype)
     (ema_momentum,) = _scalars(dtype, ema_momentum)
-    new = ema_momentum * _cast(average.read_value(), dtype) + (1.0 - ema_momentum) * _cast(value, dtype)
+    old = _cast(average.read_value(), dtype)
+    if average.dtype == dtype and _fuses(average, dtype):
+        with tf.device(average.device):
+            new = moving_average(old, _cast(value, dtype), ema_momentum,
+                                 functools.partial(_fused_add_scaled, into=average))
+        return tf.group(new)
+    new = moving_average(old, _cast(value, dtype), ema_momentum)
     return average.assign(_cast(new, average.dtype))
