@@ -9,6 +9,8 @@ parameter-server strategies, which need other processes, are in
 test_multiworker.py.)
 """
 
+import platform
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -119,6 +121,7 @@ def test_ordered_and_fused_updates_without_xla_change_no_bits(name, sparse_mode,
     bits as the plain unordered update, with the fused ops on the variable's
     own device."""
     kwargs = dict(sparse_mode=sparse_mode, jit_compile=False)
+    monkeypatch.setattr(step_lib, "PACK_MAX_ELEMENTS", 0)  # see the next test
     expected = _state(*_train(_strategy("default"), **kwargs))
     chained, fused = [], []
     add = step_lib.UpdateChains.add
@@ -128,8 +131,8 @@ def test_ordered_and_fused_updates_without_xla_change_no_bits(name, sparse_mode,
                         lambda self, v, fn: (chained.append(v.device), add(self, v, fn))[1])
     fused_add_scaled = update_lib._fused_add_scaled
 
-    def spy(x, a, y, into=None):
-        out = fused_add_scaled(x, a, y, into)
+    def spy(x, a, y):
+        out = fused_add_scaled(x, a, y)
         fused.append(out.op.device)
         return out
     monkeypatch.setattr(update_lib, "_fused_add_scaled", spy)
@@ -139,9 +142,38 @@ def test_ordered_and_fused_updates_without_xla_change_no_bits(name, sparse_mode,
     devices = set(chained)
     assert len(devices) == (2 if name == "mirrored" else 1)
     assert all(chained.count(d) % 3 == 0 and chained.count(d) > 0 for d in devices)
-    # The temporaries live where the variables live.
-    assert fused and {tf.DeviceSpec.from_string(d) for d in fused} == \
-        {tf.DeviceSpec.from_string(d) for d in devices}
+    # The temporaries are put where the variables live (x86-64 CPUs only).
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert fused and {tf.DeviceSpec.from_string(d) for d in fused} == \
+            {tf.DeviceSpec.from_string(d) for d in devices}
+    else:
+        assert not fused
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("name", ["default", "mirrored", "central_storage"])
+def test_packed_small_variables_without_xla_change_no_bits(name, sparse_mode, monkeypatch):
+    """Without XLA the small dense variables of a device (here the kernel and
+    the bias) are updated together (`step.packs`): the same bits as one
+    update each. Central storage spreads the update over devices: no packs."""
+    kwargs = dict(sparse_mode=sparse_mode, jit_compile=False)
+    monkeypatch.setattr(step_lib, "PACK_MAX_ELEMENTS", 0)
+    expected = _state(*_train(_strategy("default"), **kwargs))
+    monkeypatch.undo()
+    packed = []
+    packed_dense_update = update_lib.packed_dense_update
+
+    def spy(variables, *args, **kwargs):
+        packed.append(([v.shape.as_list() for v in variables], variables[0].device))
+        return packed_dense_update(variables, *args, **kwargs)
+    monkeypatch.setattr(update_lib, "packed_dense_update", spy)
+    got = _state(*_train(_strategy(name), **kwargs))
+    _assert_same(got, expected)
+    if name == "central_storage":
+        assert packed == []
+    else:  # traced once per device (mirrored: 2)
+        assert {tuple(map(tuple, shapes)) for shapes, _ in packed} == {((DIM, ep.OUT), (ep.OUT,))}
+        assert len({device for _, device in packed}) == (2 if name == "mirrored" else 1)
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

@@ -190,9 +190,9 @@ _STORAGE = [("float32", "float32"), ("bfloat16", "float32"), ("float32", "bfloat
 def test_graph_mode_fuses_each_add_scaled_with_the_same_bits(
         theta_dtype, m_dtype, weight_decay, momentum_first, rule, rng, monkeypatch):
     """Without XLA, at FUSED_MIN_ELEMENTS elements or more, each `x + a * y`
-    of the step is TF's fused in-place kernel on a resource that adopts `x`
-    (the momentum variable itself when it is float32), and the numbers are
-    those of the plain ops bit for bit (eager, and graph below the threshold)."""
+    of the step is TF's fused in-place kernel on a temporary resource that
+    adopts `x`, and the numbers are those of the plain ops bit for bit (eager,
+    and graph below the threshold)."""
     shape = (257, 257)  # 66049 >= FUSED_MIN_ELEMENTS, odd: vector loops and scalar tails
     assert np.prod(shape) >= update_lib.FUSED_MIN_ELEMENTS
     theta, m = _random_pair(rng, shape)
@@ -221,8 +221,8 @@ def test_graph_mode_fuses_each_add_scaled_with_the_same_bits(
             # zero-gradient pass: direction and theta
             want = (3 if rule == "dense" else 1) + (weight_decay is not None)
             assert types_.count("ResourceApplyGradientDescent") == (want if x86 else 0)
-            temps = (rule == "dense") * (1 + (m_dtype != "float32")) + \
-                (weight_decay is not None) + (theta_dtype != "float32")
+            temps = (rule == "dense") * 2 + (weight_decay is not None) + \
+                (theta_dtype != "float32")
             assert types_.count("VarHandleOp") == (temps if x86 else 0)
             step = tf.function(step)
         for g in args:
@@ -271,9 +271,9 @@ def test_fused_arithmetic_only_in_graphs_without_xla_on_large_x86_cpu_variables(
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_mode_ema_is_updated_in_place_with_the_same_bits(dtype, rng, monkeypatch):
-    """The weights' EMA is another `moving_average`: a float32 average of
-    FUSED_MIN_ELEMENTS or more is updated in place by the fused kernel without
-    XLA; the bits are the plain ops' and numpy's."""
+    """The weights' EMA is another `moving_average`: for an average of
+    FUSED_MIN_ELEMENTS or more its sum is the fused kernel without XLA; the
+    bits are the plain ops' and numpy's."""
     shape = (257, 257)
     average0 = rng.standard_normal(shape).astype(np.float32)
     values = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
@@ -291,8 +291,7 @@ def test_graph_mode_ema_is_updated_in_place_with_the_same_bits(dtype, rng, monke
                .get_operations()]
         return tf.cast(average, tf.float32).numpy(), ops
     fused, ops = run()
-    in_place = x86 and dtype == "float32"
-    assert ops.count("ResourceApplyGradientDescent") == int(in_place)
+    assert ops.count("ResourceApplyGradientDescent") == int(x86)
     monkeypatch.setattr(update_lib, "FUSED_MIN_ELEMENTS", 10**12)
     plain, ops = run()
     assert "ResourceApplyGradientDescent" not in ops
@@ -304,6 +303,110 @@ def test_graph_mode_ema_is_updated_in_place_with_the_same_bits(dtype, rng, monke
         np.testing.assert_array_equal(fused, want)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_path_takes_shape_one_hyperparameters(dtype):
+    """Hyperparameters given as shape-[1] tensors (accepted by Lion) are made
+    scalars: the fused kernel's `alpha` must be one."""
+    def run(wrap):
+        var = tf.Variable(tf.ones([256, 256], dtype))
+        opt = tf_lion.Lion(wrap(0.01), beta_1=wrap(0.9), beta_2=wrap(0.99),
+                           weight_decay=wrap(0.1), use_ema=True, ema_momentum=wrap(0.9),
+                           jit_compile=False)
+        grad = tf.fill([256, 256], tf.constant(0.5, dtype))
+        step = tf.function(lambda: opt.apply_gradients([(grad, var)]))
+        step()
+        step()
+        return [tf.cast(x, tf.float32).numpy()
+                for x in (var, opt.get_slot(var, "m"), opt.get_slot(var, "average"))]
+    for a, b in zip(run(lambda x: tf.constant([x])), run(lambda x: x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_packs_group_small_dense_variables_of_one_kind(monkeypatch):
+    def var(shape, dtype=tf.float32):
+        return types.SimpleNamespace(shape=tf.TensorShape(shape), dtype=dtype)
+    f32, bf16 = tf.float32, tf.bfloat16
+    dense, sparse = tf.zeros([1]), tf.IndexedSlices(tf.zeros([1, 4]), tf.constant([0]))
+    rows = [  # (variable, gradient, momentum dtype, extra slot, decayed, seed)
+        (var([4]), dense, f32, None, True, None),            # 0: pack 1
+        (var([2, 3]), dense, f32, None, True, None),         # 1: pack 1
+        (var([1024]), dense, f32, None, True, None),         # 2: pack 1 (at the limit)
+        (var([1025]), dense, f32, None, True, None),         # 3: too large
+        (var([4]), dense, f32, None, False, None),           # 4: alone without decay
+        (var([4]), sparse, f32, None, True, None),           # 5: sparse gradient
+        (var([4], bf16), dense, f32, None, True, None),      # 6: pack 2
+        (var([4], bf16), dense, f32, None, True, None),      # 7: pack 2
+        (var([4]), dense, f32, None, True, tf.constant([1, 2])),  # 8: stochastic rounding
+        (var([4]), dense, f32, "average", True, None),       # 9: EMA
+        (var([4]), dense, bf16, None, True, None),           # 10: alone with a bf16 momentum
+        (var([None]), dense, f32, None, True, None),         # 11: size unknown
+    ]
+    variables = [r[0] for r in rows]
+    grads = [r[1] for r in rows]
+    slots = [dict({"m": var([1], r[2])}, **({r[3]: None} if r[3] else {})) for r in rows]
+    decayed = [r[4] for r in rows]
+    seeds = [r[5] for r in rows]
+    options = ("exact", None, True)
+    assert step_lib.packs(variables, grads, slots, decayed, seeds, options) == [[0, 1, 2], [6, 7]]
+    accumulating = ("exact", 2, True)
+    assert step_lib.packs(variables, grads, slots, decayed, seeds, accumulating) == []
+    monkeypatch.setattr(step_lib, "PACK_MAX_TOTAL", 10)  # [4] + [2, 3] fit, [1024] alone
+    assert step_lib.packs(variables, grads, slots, decayed, seeds, options) == [[0, 1], [6, 7]]
+    seen = []
+    tf.function(lambda: seen.append(step_lib.packs(variables, grads, slots, decayed, seeds,
+                                                    options)), jit_compile=True
+                ).get_concrete_function()
+    assert seen == [[]]  # XLA fuses by itself
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_packed_small_variables_equal_one_update_each(graph, rng, monkeypatch):
+    """Without XLA the small dense variables are updated in packs of one dtype
+    and weight decay; the bits are those of one update per variable, with a
+    skipped non-finite step and a variable excluded from weight decay."""
+    shapes = [(3,), (2, 5), (4,), (7, 3), (300,), (5,)]
+    dtypes = ["float32", "float32", "bfloat16", "bfloat16", "float32", "float32"]
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    grads[2][0][0] = np.nan  # skipped everywhere
+
+    def run():
+        variables = [tf.Variable(tf.constant(v, dtype), name=f"v{i}")
+                     for i, (v, dtype) in enumerate(zip(values, dtypes))]
+        opt = tf_lion.Lion(0.01, weight_decay=0.1, skip_nonfinite=True, jit_compile=False)
+        opt.exclude_from_weight_decay(var_names=["v5"])
+
+        def step(gs):
+            opt.apply_gradients(zip(gs, variables))
+        if graph:
+            step = tf.function(step)
+        for gs in grads:
+            step([tf.constant(g, dtype) for g, dtype in zip(gs, dtypes)])
+        return opt, variables, [tf.cast(x, tf.float32).numpy() for v in variables
+                                for x in (v, opt.get_slot(v, "m"))]
+    calls = []
+    packed_dense_update = update_lib.packed_dense_update
+    monkeypatch.setattr(update_lib, "packed_dense_update", lambda v, *a, **k: (
+        calls.append([x.name for x in v]), packed_dense_update(v, *a, **k))[1])
+    opt, variables, packed = run()
+    assert set(map(tuple, calls)) == {("v0:0", "v1:0", "v4:0"), ("v2:0", "v3:0")}
+    assert opt.skipped_steps.numpy() == 1
+    monkeypatch.setattr(step_lib, "PACK_MAX_ELEMENTS", 0)
+    calls.clear()
+    _, _, single = run()
+    assert calls == []
+    for a, b in zip(packed, single):
+        np.testing.assert_array_equal(a, b)
+    # and the float32 ones are the numpy reference's
+    for i in (0, 1, 4, 5):
+        theta, m = values[i], np.zeros(shapes[i], np.float32)
+        for k, gs in enumerate(grads):
+            if k != 2:
+                theta, m, _ = ref.step(theta, m, gs[i], 0.01, 0.9, 0.99, 0.0 if i == 5 else 0.1)
+        np.testing.assert_array_equal(packed[2 * i], theta)
+        np.testing.assert_array_equal(packed[2 * i + 1], m)
+
+
 def _resident_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -312,7 +415,7 @@ def _resident_bytes():
 def test_fused_temporaries_are_freed_within_the_step():
     """The anonymous resources `_fused_add_scaled` creates are owned by their
     handles: nothing accumulates from step to step."""
-    n = 2**22  # 16 MB in float32: three temporaries a step would leak 2 GB in 40 steps
+    n = 2**21  # 8 MB in float32: four temporaries a step would leak 1.3 GB in 40 steps
     var, mom = tf.Variable(tf.zeros([n], tf.bfloat16)), tf.Variable(tf.zeros([n], tf.bfloat16))
     grad = tf.ones([n], tf.bfloat16)
 
@@ -327,7 +430,7 @@ def test_fused_temporaries_are_freed_within_the_step():
     before = _resident_bytes()
     for _ in range(40):
         step()
-    assert _resident_bytes() - before < 256 * 2**20
+    assert _resident_bytes() - before < 160 * 2**20
     assert np.all(var.numpy().astype(np.float32) < 0)  # the steps ran
 
 
@@ -365,6 +468,7 @@ def test_chained_graph_mode_optimizer_equals_reference(fused, rng, monkeypatch):
     """Without XLA the updates of variables of >= CHAIN_MIN_ELEMENTS are
     ordered (and, with `fused`, every variable takes the fused arithmetic of
     `_fused_add_scaled`); the numbers are the numpy reference's, bit for bit."""
+    monkeypatch.setattr(step_lib, "PACK_MAX_ELEMENTS", 0)  # the small ones would be packed
     if fused:
         monkeypatch.setattr(update_lib, "FUSED_MIN_ELEMENTS", 1)
     shapes = [(16, 17)] * 5 + [(3,), (300,)]

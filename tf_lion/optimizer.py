@@ -655,10 +655,12 @@ class Lion(keras_optimizer.Optimizer):
         variables = [_unwrap(v) for _, v in grads_and_vars]
         per_variable = [(grad, *self._variable_args(var, weight_decay, step))
                         for (grad, _), var in zip(grads_and_vars, variables)]
-        if step_lib.fusable(distribution, variables):
-            groups = step_lib.fusion_groups(variables)  # they share the device(s)
-        else:
+        if not step_lib.fusable(distribution, variables):
             groups = [[i] for i in range(len(variables))]
+        elif self.jit_compile:
+            groups = step_lib.fusion_groups(variables)  # they share the device(s)
+        else:  # one call, which packs the small variables (`step.packs`)
+            groups = [list(range(len(variables)))] if variables else []
         for group in groups:
             grads, slots, wds, seeds = (list(x) for x in zip(*[per_variable[i] for i in group]))
             members = [variables[i] for i in group]

@@ -61,6 +61,13 @@ def no_op():
     return tf.constant(False)
 
 
+def when(condition, fn):
+    """`fn()`, under `tf.cond(condition)` unless `condition` is None."""
+    if condition is None:
+        return fn()
+    return tf.cond(condition, lambda: (fn(), tf.constant(True))[1], no_op)
+
+
 def variable_step(variable, gradient, slots, hypers, finite, apply_now, seed, options):
     """Everything one step does to one variable (on one device).
 
@@ -87,11 +94,6 @@ def variable_step(variable, gradient, slots, hypers, finite, apply_now, seed, op
             with tf.control_dependencies([op]):
                 op = update_lib.ema_update(average, variable.read_value(), ema_momentum)
         return op
-
-    def when(condition, fn):
-        if condition is None:
-            return fn()
-        return tf.cond(condition, lambda: (fn(), tf.constant(True))[1], no_op)
 
     if not accumulation_steps:
         return when(finite, lambda: apply(gradient))
@@ -178,12 +180,23 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
     (`trace_key`) says which sets of variables may share a trace. `hypers` is
     `(lr, beta_1, beta_2, weight_decay, ema_momentum)`, passed once (each
     argument of the program costs time at every call); `decayed[i]` says
-    whether variable i takes weight decay. Without XLA, `chains`
-    (`UpdateChains`) orders the updates of the variables.
+    whether variable i takes weight decay. Without XLA, the small dense
+    variables are updated in packs (`packs`) and `chains` (`UpdateChains`)
+    orders the updates of the others.
     """
     del key
     lr, beta_1, beta_2, weight_decay, ema_momentum = hypers
-    for var, grad, var_slots, decay, seed in zip(variables, grads, slots, decayed, seeds):
+    packed = set()
+    for members in packs(variables, grads, slots, decayed, seeds, options):
+        decay = weight_decay if decayed[members[0]] else None
+        when(finite, lambda members=members, decay=decay: update_lib.packed_dense_update(
+            [variables[i] for i in members], [slots[i]["m"] for i in members],
+            [grads[i] for i in members], lr, beta_1, beta_2, decay, momentum_first=options[2]))
+        packed.update(members)
+    for i, (var, grad, var_slots, decay, seed) in enumerate(
+            zip(variables, grads, slots, decayed, seeds)):
+        if i in packed:
+            continue
         var_hypers = (lr, beta_1, beta_2, weight_decay if decay else None, ema_momentum)
 
         def step(var=var, grad=grad, var_slots=var_slots, var_hypers=var_hypers, seed=seed):
@@ -193,6 +206,49 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
             step()
         else:
             chains.add(var, step)
+
+
+# Without XLA, the step of a small variable costs per op (a dozen ops of a few
+# microseconds each), not per element: `device_step` updates the small dense
+# variables of a device together (`packs`, `update.packed_dense_update`),
+# with the same bits. Measured, 300 float32 variables, one process, one update
+# each -> packed: [4] 7.98 -> 4.59 ms, [64] 10.4 -> 5.23, [256] 6.93 -> 4.20,
+# [1024] 6.71 -> 5.71, but [64, 64] 8.50 -> 9.67 ms (the concatenation and
+# split cost more there than the ops they save).
+PACK_MAX_ELEMENTS = 1024
+PACK_MAX_TOTAL = 2**18  # elements in one pack: bounds its temporaries
+
+
+def packs(variables, grads, slots, decayed, seeds, options):
+    """Index lists of the variables `device_step` updates together, without XLA.
+
+    A variable joins a pack when its size is known and at most
+    `PACK_MAX_ELEMENTS`, its gradient is dense, and its step has nothing of
+    its own (no gradient accumulation, EMA or stochastic rounding). A pack
+    holds variables of one dtype, one momentum dtype and one weight decay (on
+    or off), at most `PACK_MAX_TOTAL` elements, and at least two variables.
+    """
+    if update_lib.in_xla_context() or options[1]:
+        return []
+    by_kind = {}
+    for i, (var, grad, var_slots, seed) in enumerate(zip(variables, grads, slots, seeds)):
+        size = var.shape.num_elements()
+        if (size is None or size > PACK_MAX_ELEMENTS or not isinstance(grad, tf.Tensor)
+                or seed is not None or "average" in var_slots):
+            continue
+        by_kind.setdefault((var.dtype, var_slots["m"].dtype, decayed[i]), []).append(i)
+    out = []
+    for members in by_kind.values():
+        current, total = [], 0
+        for i in members:
+            size = variables[i].shape.num_elements()
+            if current and total + size > PACK_MAX_TOTAL:
+                out.append(current)
+                current, total = [], 0
+            current.append(i)
+            total += size
+        out.append(current)
+    return [p for p in out if len(p) > 1]
 
 
 # Without XLA, each op of an update is one pass over the variable's memory.

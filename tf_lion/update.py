@@ -31,7 +31,6 @@ never `tf.unique`), so they compile under XLA for TPUs.
 """
 
 import contextlib
-import functools
 import platform
 
 import tensorflow as tf
@@ -45,6 +44,7 @@ __all__ = [
     "moving_average",
     "add_scaled",
     "dense_update",
+    "packed_dense_update",
     "deduplicate_indices",
     "exact_sparse_update",
     "lazy_sparse_update",
@@ -91,7 +91,7 @@ def moving_average(average, value, decay, add_scaled=add_scaled):
 
 
 def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_first=False,
-                   add_scaled=add_scaled, new_m=None):
+                   add_scaled=add_scaled):
     """Lion's update direction and new momentum; returns `(direction, new_m)`.
 
     `direction = sign(c) + weight_decay * theta` with
@@ -110,8 +110,6 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
       momentum_first: compute the new momentum first and the direction from
         it (requires `beta_2 > 0`; see below).
       add_scaled: computes each `x + a * y` (see `add_scaled`).
-      new_m: the new momentum, if the caller has computed it already with
-        `moving_average` (the momentum variable updated in place).
 
     With `momentum_first=True` the direction is rebuilt from the new momentum:
 
@@ -123,8 +121,7 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
     the old momentum after `m'` exists, which lets XLA update the momentum in
     place (the textbook order makes it copy the whole momentum every step).
     """
-    if new_m is None:
-        new_m = moving_average(m, g, beta_2, add_scaled)
+    new_m = moving_average(m, g, beta_2, add_scaled)
     if momentum_first:
         c = beta_1 * new_m if g is None else add_scaled(beta_1 * new_m, beta_2 - beta_1, g)
     else:
@@ -157,7 +154,11 @@ def _cast(x, dtype):
 
 
 def _scalars(dtype, *values):
-    return [None if v is None else _cast(tf.convert_to_tensor(v), dtype) for v in values]
+    """Hyperparameters as scalars of `dtype` (a shape-[1] tensor becomes a scalar)."""
+    def scalar(v):
+        v = _cast(tf.convert_to_tensor(v), dtype)
+        return v if v.shape.rank == 0 else tf.reshape(v, [])
+    return [None if v is None else scalar(v) for v in values]
 
 
 def stochastic_round(x, dtype, seed=None, uniform=None):
@@ -236,33 +237,26 @@ def _step_tables(variable, momentum, gradient, dtype, hypers, seed, momentum_fir
     `_steps_in_place` allows, theta's step is TF's fused in-place kernel, and
     theta is read only for the weight decay (a read of a table in
     copy-on-read mode, after a sparse lookup, copies the table). Where
-    `_fuses` allows, every `x + a * y` is `_fused_add_scaled`, and a momentum
-    stored in the compute dtype is updated in place.
+    `_fuses` allows, every other `x + a * y` is `_fused_add_scaled`.
     """
     fused = _fuses(variable, dtype)
     with tf.device(variable.device) if fused else contextlib.nullcontext():  # and the temporaries
         lr, beta_1, beta_2, weight_decay = hypers
-        add = _fused_add_scaled if fused else add_scaled
         in_place = _steps_in_place(variable, dtype)
         theta = None
         if not in_place or weight_decay is not None:
             theta = _cast(variable.read_value(), dtype)
-        m = _cast(momentum.read_value(), dtype)
-        new_m = None  # the momentum variable's new value, if updated in place
-        if fused and momentum.dtype == dtype and gradient is not None:
-            new_m = moving_average(m, gradient, beta_2,
-                                   functools.partial(_fused_add_scaled, into=momentum))
-        direction, m_value = lion_direction(theta, m, gradient, beta_1, beta_2, weight_decay,
-                                            momentum_first, add, new_m)
+        direction, new_m = lion_direction(theta, _cast(momentum.read_value(), dtype), gradient,
+                                          beta_1, beta_2, weight_decay, momentum_first,
+                                          _fused_add_scaled if fused else add_scaled)
         if in_place:
             theta_step = tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
                                                                  delta=direction)
         else:
-            new_theta = add(theta, -lr, direction) if fused else theta - lr * direction
+            new_theta = (_fused_add_scaled(theta, -lr, direction) if fused
+                         else theta - lr * direction)
             theta_step = variable.assign(_cast_out(new_theta, variable.dtype, seed, 0))
-        if new_m is not None:
-            return tf.group(theta_step, new_m)
-        return tf.group(theta_step, momentum.assign(_cast_out(m_value, momentum.dtype, seed, 1)))
+        return tf.group(theta_step, momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
 
 
 def _steps_in_place(variable, dtype):
@@ -306,28 +300,57 @@ def _fuses(variable, dtype):
             and not in_xla_context() and _on_x86_cpu(variable))
 
 
-def _fused_add_scaled(x, a, y, into=None):
+def _fused_add_scaled(x, a, y):
     """`add_scaled(x, a, y)` by TF's fused in-place kernel: one pass over memory.
 
     `ResourceApplyGradientDescent` computes `var - alpha * delta`, rounding
     after the product and after the difference; with `alpha = -a` that is
-    `x + a * y` bit for bit (negation is exact). A resource variable adopts
-    `x`'s buffer (`AssignVariableOp` takes over a tensor nothing else holds,
-    without a copy), the kernel updates it in place, and the result is read
-    back. The variable is `into` (of `x`'s dtype), or an anonymous one that
-    its handle owns and that is freed with it, within the step.
+    `x + a * y` bit for bit (negation is exact; only the sign of a NaN result
+    may differ). An anonymous resource variable adopts `x`'s buffer
+    (`AssignVariableOp` takes over a tensor nothing else holds, without a
+    copy), the kernel updates it in place and the result is read back. The
+    resource is private to this computation (no other op can see its
+    intermediate value) and owned by its handle: it is freed within the step.
     """
     with tf.control_dependencies([y]):  # y may have been computed from x
-        if into is None:
-            handle = tf.raw_ops.VarHandleOp(dtype=x.dtype, shape=x.shape,
-                                            shared_name=context.anonymous_name())
-        else:
-            handle = into.handle
+        handle = tf.raw_ops.VarHandleOp(dtype=x.dtype, shape=x.shape,
+                                        shared_name=context.anonymous_name())
         adopt = tf.raw_ops.AssignVariableOp(resource=handle, value=x)
     with tf.control_dependencies([adopt]):
         step = tf.raw_ops.ResourceApplyGradientDescent(var=handle, alpha=-a, delta=y)
     with tf.control_dependencies([step]):
         return tf.raw_ops.ReadVariableOp(resource=handle, dtype=x.dtype)
+
+
+def packed_dense_update(variables, momenta, gradients, lr, beta_1, beta_2, weight_decay=None,
+                        momentum_first=False):
+    """`dense_update` of several variables as one; returns the grouped op.
+
+    The values, momenta and gradients are flattened and concatenated, take
+    one step and are split back. The arithmetic is elementwise, so every
+    element gets the bits `dense_update` gives it; what changes is the
+    number of ops: a handful for all variables instead of a dozen for each.
+    For small variables without XLA, whose step costs per op, not per
+    element. The variables share their dtype, their momenta's dtype and the
+    hyperparameters (`weight_decay` applies to all or none); no stochastic
+    rounding.
+    """
+    dtype = compute_dtype(variables[0].dtype, momenta[0].dtype)
+    hypers = _scalars(dtype, lr, beta_1, beta_2, weight_decay)
+
+    def flat(tensors):
+        return _cast(tf.concat([t if t.shape.rank == 1 else tf.reshape(t, [-1])
+                                for t in tensors], 0), dtype)
+    new_theta, new_m = lion_step(flat([v.value() for v in variables]),
+                                 flat([m.value() for m in momenta]), flat(gradients), *hypers,
+                                 momentum_first=momentum_first)
+    sizes = [v.shape.num_elements() for v in variables]
+    updates = []
+    for targets, values in ((variables, new_theta), (momenta, new_m)):
+        parts = tf.split(_cast(values, targets[0].dtype), sizes)
+        updates += [t.assign(p if t.shape.rank == 1 else tf.reshape(p, t.shape),
+                             read_value=False) for t, p in zip(targets, parts)]
+    return tf.group(*updates)
 
 
 def masked_update(variable, momentum, gradient, mask, lr, beta_1, beta_2, weight_decay=None,
@@ -537,17 +560,13 @@ def _false_after(x):
 def ema_update(average, value, ema_momentum):
     """`average = ema_momentum * average + (1 - ema_momentum) * value`, in place.
 
-    Where `_fuses` allows and `average` is stored in the compute dtype, the
-    average variable adopts `ema_momentum * average` and takes the rest from
-    TF's fused kernel in place (`_fused_add_scaled`): same bits, one pass less.
+    Where `_fuses` allows, the sum is `_fused_add_scaled` (same bits, one
+    pass less).
     """
     dtype = compute_dtype(average.dtype)
     (ema_momentum,) = _scalars(dtype, ema_momentum)
-    old = _cast(average.read_value(), dtype)
-    if average.dtype == dtype and _fuses(average, dtype):
-        with tf.device(average.device):
-            new = moving_average(old, _cast(value, dtype), ema_momentum,
-                                 functools.partial(_fused_add_scaled, into=average))
-        return tf.group(new)
-    new = moving_average(old, _cast(value, dtype), ema_momentum)
-    return average.assign(_cast(new, average.dtype))
+    fused = _fuses(average, dtype)
+    with tf.device(average.device) if fused else contextlib.nullcontext():
+        new = moving_average(_cast(average.read_value(), dtype), _cast(value, dtype),
+                             ema_momentum, _fused_add_scaled if fused else add_scaled)
+        return average.assign(_cast(new, average.dtype))
