@@ -140,6 +140,23 @@ def make_model():
 # the test process keeps the defaults, so the comparison also checks that
 # these paths give the plain path's bits under both strategies.
 FORCE_FAST_PATHS = False
+FUSED_DEVICES = []  # the devices `update._fused_add_scaled` put its results on
+
+
+def force_fast_paths():
+    import tf_lion
+
+    if tf_lion.update.FUSED_MIN_ELEMENTS == 1:
+        return
+    tf_lion.step.CHAIN_MIN_ELEMENTS = 1
+    tf_lion.update.FUSED_MIN_ELEMENTS = 1
+    fused_add_scaled = tf_lion.update._fused_add_scaled
+
+    def recorded(x, a, y):
+        out = fused_add_scaled(x, a, y)
+        FUSED_DEVICES.append(out.op.device)
+        return out
+    tf_lion.update._fused_add_scaled = recorded
 
 
 def make_optimizer(sparse_mode, jit_compile):
@@ -148,8 +165,7 @@ def make_optimizer(sparse_mode, jit_compile):
     import tf_lion
 
     if FORCE_FAST_PATHS:
-        tf_lion.step.CHAIN_MIN_ELEMENTS = 1
-        tf_lion.update.FUSED_MIN_ELEMENTS = 1
+        force_fast_paths()
 
     schedule = tf_keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5)
     return tf_lion.Lion(learning_rate=schedule, beta_1=0.9, beta_2=0.99, weight_decay=0.25,
@@ -360,12 +376,14 @@ def run_ps(out_dir):
     for i, (sparse_mode, jit_compile) in enumerate(CONFIGS):
         start = time.time()
         traced = []
+        del FUSED_DEVICES[:]
         model, opt = train(strategy, sparse_mode, jit_compile, coordinator, traced)
         name = config_name(sparse_mode, jit_compile)
         for key, value in state(model, opt).items():
             arrays[f"{name}/{key}"] = value
         info[name] = ps_info(model, opt)
         info[name]["gradients"] = traced
+        info[name]["fused_devices"] = sorted(set(FUSED_DEVICES))
         if i == 0:
             info["checkpoint"] = checkpoint_round_trip(
                 strategy, model, opt, sparse_mode, jit_compile, out_dir, arrays)

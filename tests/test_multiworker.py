@@ -24,6 +24,7 @@ timeout and is killed at module teardown at the latest.
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -266,6 +267,21 @@ def test_parameter_server_sharded_embedding_equals_single_device_bitwise(
     assert info[name]["table"]["is_sharded"]
     _assert_bitwise_equal(_config_state(arrays, name), expected,
                           "parameter server vs single device")
+
+
+@pytest.mark.parametrize("sparse_mode,jit_compile", CONFIGS)
+def test_parameter_server_fused_sums_run_on_the_parameter_servers(ps_run, sparse_mode, jit_compile):
+    """The job forces every variable onto the no-XLA fast paths (the bitwise
+    test above checks their numbers); the fused sums were built for the
+    parameter servers holding the variables, both of them, and never under XLA."""
+    _, info = ps_run()
+    devices = info[job.config_name(sparse_mode, jit_compile)]["fused_devices"]
+    if jit_compile or platform.machine().lower() not in ("x86_64", "amd64"):
+        assert devices == []
+    else:
+        specs = [tf.DeviceSpec.from_string(d) for d in devices]
+        assert {(s.job, s.task, s.device_type) for s in specs} == {("ps", 0, "CPU"),
+                                                                    ("ps", 1, "CPU")}
 
 
 @pytest.mark.parametrize("sparse_mode,jit_compile", CONFIGS)
