@@ -251,16 +251,16 @@ def test_fused_arithmetic_only_in_graphs_without_xla_on_large_x86_cpu_variables(
 
     def var(device=cpu, shape=(256, 256)):
         return types.SimpleNamespace(dtype=tf.float32, device=device, shape=tf.TensorShape(shape))
-    assert not update_lib._fuses(var(), tf.float32)  # eagerly
+    assert not update_lib._fuses(var())  # eagerly
     seen = {}
 
     def trace():
-        seen["large"] = update_lib._fuses(var(), tf.float32)
-        seen["ps"] = update_lib._fuses(var("/job:ps/task:1/device:CPU:0"), tf.float32)
-        seen["small"] = update_lib._fuses(var(shape=(255, 256)), tf.float32)
-        seen["unknown size"] = update_lib._fuses(var(shape=(None, 256)), tf.float32)
-        seen["gpu"] = update_lib._fuses(var("/device:GPU:0"), tf.float32)
-        seen["unplaced"] = update_lib._fuses(var(""), tf.float32)
+        seen["large"] = update_lib._fuses(var())
+        seen["ps"] = update_lib._fuses(var("/job:ps/task:1/device:CPU:0"))
+        seen["small"] = update_lib._fuses(var(shape=(255, 256)))
+        seen["unknown size"] = update_lib._fuses(var(shape=(None, 256)))
+        seen["gpu"] = update_lib._fuses(var("/device:GPU:0"))
+        seen["unplaced"] = update_lib._fuses(var(""))
         return tf.constant(0)
     tf.function(trace).get_concrete_function()
     assert seen == {"large": x86, "ps": x86, "small": False, "unknown size": False,

@@ -186,12 +186,13 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
     """
     del key
     lr, beta_1, beta_2, weight_decay, ema_momentum = hypers
+    momentum_first = options[2]
     packed = set()
     for members in packs(variables, grads, slots, decayed, seeds, options):
         decay = weight_decay if decayed[members[0]] else None
         when(finite, lambda members=members, decay=decay: update_lib.packed_dense_update(
             [variables[i] for i in members], [slots[i]["m"] for i in members],
-            [grads[i] for i in members], lr, beta_1, beta_2, decay, momentum_first=options[2]))
+            [grads[i] for i in members], lr, beta_1, beta_2, decay, momentum_first))
         packed.update(members)
     for i, (var, grad, var_slots, decay, seed) in enumerate(
             zip(variables, grads, slots, decayed, seeds)):
@@ -228,7 +229,8 @@ def packs(variables, grads, slots, decayed, seeds, options):
     holds variables of one dtype, one momentum dtype and one weight decay (on
     or off), at most `PACK_MAX_TOTAL` elements, and at least two variables.
     """
-    if update_lib.in_xla_context() or options[1]:
+    accumulation_steps = options[1]
+    if update_lib.in_xla_context() or accumulation_steps:
         return []
     by_kind = {}
     for i, (var, grad, var_slots, seed) in enumerate(zip(variables, grads, slots, seeds)):

@@ -239,7 +239,7 @@ def _step_tables(variable, momentum, gradient, dtype, hypers, seed, momentum_fir
     copy-on-read mode, after a sparse lookup, copies the table). Where
     `_fuses` allows, every other `x + a * y` is `_fused_add_scaled`.
     """
-    fused = _fuses(variable, dtype)
+    fused = _fuses(variable)
     with tf.device(variable.device) if fused else contextlib.nullcontext():  # and the temporaries
         lr, beta_1, beta_2, weight_decay = hypers
         in_place = _steps_in_place(variable, dtype)
@@ -288,7 +288,7 @@ def _on_x86_cpu(variable):
 FUSED_MIN_ELEMENTS = 2**16
 
 
-def _fuses(variable, dtype):
+def _fuses(variable):
     """Whether `_step_tables` uses `_fused_add_scaled` for `variable`'s step.
 
     In a graph without XLA (`tf.function(jit_compile=False)`), on an x86-64
@@ -565,7 +565,7 @@ def ema_update(average, value, ema_momentum):
     """
     dtype = compute_dtype(average.dtype)
     (ema_momentum,) = _scalars(dtype, ema_momentum)
-    fused = _fuses(average, dtype)
+    fused = _fuses(average)
     with tf.device(average.device) if fused else contextlib.nullcontext():
         new = moving_average(_cast(average.read_value(), dtype), _cast(value, dtype),
                              ema_momentum, _fused_add_scaled if fused else add_scaled)
