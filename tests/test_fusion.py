@@ -341,6 +341,8 @@ def test_packs_group_small_dense_variables_of_one_kind(monkeypatch):
         (var([4]), dense, bf16, None, True, None),           # 10: alone with a bf16 momentum
         (var([None]), dense, f32, None, True, None),         # 11: size unknown
     ]
+    twice = var([4])
+    rows += [(twice, dense, f32, None, True, None)] * 2      # 12, 13: given twice
     variables = [r[0] for r in rows]
     grads = [r[1] for r in rows]
     slots = [dict({"m": var([1], r[2])}, **({r[3]: None} if r[3] else {})) for r in rows]
@@ -357,6 +359,23 @@ def test_packs_group_small_dense_variables_of_one_kind(monkeypatch):
                                                     options)), jit_compile=True
                 ).get_concrete_function()
     assert seen == [[]]  # XLA fuses by itself
+
+
+def test_a_variable_given_twice_takes_both_steps_without_xla():
+    """Two gradients for one variable are two steps in turn (as with XLA):
+    such a variable is never packed, where the second write would drop the
+    first step."""
+    results = []
+    for jit in (True, False):
+        v, w = tf.Variable([1.0, 2.0]), tf.Variable([3.0, 4.0])
+        opt = tf_lion.Lion(0.1, jit_compile=jit)
+        tf.function(lambda: opt.apply_gradients([
+            (tf.constant([1.0, 1.0]), v), (tf.constant([1.0, -1.0]), v),
+            (tf.constant([1.0, 1.0]), w)]))()
+        results.append((v.numpy(), w.numpy()))
+    np.testing.assert_allclose(results[0][0], [0.8, 2.0], rtol=1e-6)  # two steps of 0.1
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("graph", [False, True])

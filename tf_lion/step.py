@@ -15,6 +15,7 @@ the variables of one device, as plain functions the optimizer hands to
 * small helpers: index checks, unscaling, the non-finite test, seeds.
 """
 
+import collections
 import os
 import zlib
 
@@ -224,19 +225,22 @@ def packs(variables, grads, slots, decayed, seeds, options):
     """Index lists of the variables `device_step` updates together, without XLA.
 
     A variable joins a pack when its size is known and at most
-    `PACK_MAX_ELEMENTS`, its gradient is dense, and its step has nothing of
-    its own (no gradient accumulation, EMA or stochastic rounding). A pack
+    `PACK_MAX_ELEMENTS`, its gradient is dense, it is given once, and its
+    step has nothing of its own (no gradient accumulation, EMA or stochastic
+    rounding). A pack
     holds variables of one dtype, one momentum dtype and one weight decay (on
     or off), at most `PACK_MAX_TOTAL` elements, and at least two variables.
     """
     accumulation_steps = options[1]
     if update_lib.in_xla_context() or accumulation_steps:
         return []
+    # A variable given twice takes two steps in turn, so it is never packed.
+    occurrences = collections.Counter(id(var) for var in variables)
     by_kind = {}
     for i, (var, grad, var_slots, seed) in enumerate(zip(variables, grads, slots, seeds)):
         size = var.shape.num_elements()
         if (size is None or size > PACK_MAX_ELEMENTS or not isinstance(grad, tf.Tensor)
-                or seed is not None or "average" in var_slots):
+                or seed is not None or "average" in var_slots or occurrences[id(var)] > 1):
             continue
         by_kind.setdefault((var.dtype, var_slots["m"].dtype, decayed[i]), []).append(i)
     out = []
