@@ -227,9 +227,9 @@ def packs(variables, grads, slots, decayed, seeds, options):
     A variable joins a pack when its size is known and at most
     `PACK_MAX_ELEMENTS`, its gradient is dense, it is given once, and its
     step has nothing of its own (no gradient accumulation, EMA or stochastic
-    rounding). A pack
-    holds variables of one dtype, one momentum dtype and one weight decay (on
-    or off), at most `PACK_MAX_TOTAL` elements, and at least two variables.
+    rounding). A pack holds variables of one dtype, one momentum dtype and
+    one weight decay (on or off), at most `PACK_MAX_TOTAL` elements, and at
+    least two variables.
     """
     accumulation_steps = options[1]
     if update_lib.in_xla_context() or accumulation_steps:
@@ -242,12 +242,11 @@ def packs(variables, grads, slots, decayed, seeds, options):
         if (size is None or size > PACK_MAX_ELEMENTS or not isinstance(grad, tf.Tensor)
                 or seed is not None or "average" in var_slots or occurrences[id(var)] > 1):
             continue
-        by_kind.setdefault((var.dtype, var_slots["m"].dtype, decayed[i]), []).append(i)
+        by_kind.setdefault((var.dtype, var_slots["m"].dtype, decayed[i]), []).append((i, size))
     out = []
     for members in by_kind.values():
         current, total = [], 0
-        for i in members:
-            size = variables[i].shape.num_elements()
+        for i, size in members:
             if current and total + size > PACK_MAX_TOTAL:
                 out.append(current)
                 current, total = [], 0

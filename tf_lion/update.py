@@ -239,22 +239,20 @@ def _step_tables(variable, momentum, gradient, dtype, hypers, seed, momentum_fir
     copy-on-read mode, after a sparse lookup, copies the table). Where
     `_fuses` allows, every other `x + a * y` is `_fused_add_scaled`.
     """
-    fused = _fuses(variable)
-    with tf.device(variable.device) if fused else contextlib.nullcontext():  # and the temporaries
+    add, scope = _arithmetic(variable)
+    with scope:
         lr, beta_1, beta_2, weight_decay = hypers
         in_place = _steps_in_place(variable, dtype)
         theta = None
         if not in_place or weight_decay is not None:
             theta = _cast(variable.read_value(), dtype)
         direction, new_m = lion_direction(theta, _cast(momentum.read_value(), dtype), gradient,
-                                          beta_1, beta_2, weight_decay, momentum_first,
-                                          _fused_add_scaled if fused else add_scaled)
+                                          beta_1, beta_2, weight_decay, momentum_first, add)
         if in_place:
             theta_step = tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr,
                                                                  delta=direction)
         else:
-            new_theta = (_fused_add_scaled(theta, -lr, direction) if fused
-                         else theta - lr * direction)
+            new_theta = theta - lr * direction if add is add_scaled else add(theta, -lr, direction)
             theta_step = variable.assign(_cast_out(new_theta, variable.dtype, seed, 0))
         return tf.group(theta_step, momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
 
@@ -298,6 +296,17 @@ def _fuses(variable):
     size = variable.shape.num_elements()
     return (not tf.executing_eagerly() and size is not None and size >= FUSED_MIN_ELEMENTS
             and not in_xla_context() and _on_x86_cpu(variable))
+
+
+def _arithmetic(variable):
+    """`(add_scaled function, device scope)` for the step of `variable`.
+
+    The fused sums where `_fuses` allows, built on the variable's device
+    (their temporary resources too); otherwise the plain ones, no scope.
+    """
+    if _fuses(variable):
+        return _fused_add_scaled, tf.device(variable.device)
+    return add_scaled, contextlib.nullcontext()
 
 
 def _fused_add_scaled(x, a, y):
@@ -565,8 +574,8 @@ def ema_update(average, value, ema_momentum):
     """
     dtype = compute_dtype(average.dtype)
     (ema_momentum,) = _scalars(dtype, ema_momentum)
-    fused = _fuses(average)
-    with tf.device(average.device) if fused else contextlib.nullcontext():
+    add, scope = _arithmetic(average)
+    with scope:
         new = moving_average(_cast(average.read_value(), dtype), _cast(value, dtype),
-                             ema_momentum, _fused_add_scaled if fused else add_scaled)
+                             ema_momentum, add)
         return average.assign(_cast(new, average.dtype))
