@@ -1,6 +1,6 @@
 """tf_lion against other TensorFlow optimizers and the machine's bandwidth floor.
 
-    python -m benchmarks.run                  # full run (7-11 minutes on 2 busy cores)
+    python -m benchmarks.run                  # full run (about 6 minutes on 2 cores)
     python -m benchmarks.run --quick          # 2-3 minutes: fewer repeats, 100 vars in B, E
     python -m benchmarks.run --scenarios A,D --repeats 7 --json results.json
 
@@ -720,8 +720,8 @@ def main(argv=None):
         run(names, quick=args.quick, tiny=args.tiny, repeats=args.repeats, json_path=args.json,
             competitors=comps or None, check_steps=args.check_steps)
     except reference.CorrectnessError as e:
-        print(f"\nABORTED: tf_lion disagrees with the numpy Lion reference, so nothing was "
-              f"timed.\n{e}", file=sys.stderr)
+        print(f"\nABORTED: tf_lion disagrees with the numpy Lion reference; no results are "
+              f"reported.\n{e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,8 +1,8 @@
 """`tf.distribute` plumbing for tf_lion: gradient aggregation and strategy checks.
 
-Nothing here knows Lion's formula. The optimizer calls `aggregate_gradients`
-in the replica context of `apply_gradients`, then `check_variables` before
-it updates anything.
+Nothing here knows Lion's formula. In `apply_gradients` the optimizer calls
+`check_strategy` and `check_variables` first, then `aggregate_gradients` in
+the replica context, before it updates anything.
 
 Sparse gradients stay sparse. tf-keras sums gradients with
 `ReplicaContext.all_reduce`, which concatenates `tf.IndexedSlices` under

@@ -366,7 +366,7 @@ class Lion(keras_optimizer.Optimizer):
     # Slots
     # ------------------------------------------------------------------ #
     def build(self, var_list):
-        """Creates the momentum (and EMA) slots of the variables that lack them.
+        """Creates the slots (momentum; EMA, accumulators, masks) variables lack.
 
         Unlike tf-keras, variables first seen after the first step get their
         slots then; slots are keyed to variables, never to positions.
@@ -418,7 +418,7 @@ class Lion(keras_optimizer.Optimizer):
         return self._accumulating and self.sparse_mode == "lazy" and var.shape.rank >= 1
 
     def get_slot(self, var, slot_name):
-        """The slot `slot_name` ("m" or "average") of variable `var`."""
+        """The slot `slot_name` of variable `var` (one of `get_slot_names()`)."""
         if getattr(self, "_checkpoint_root_probe", False):
             self._checkpoint_root_probe = False
             if not isinstance(var, tf.Variable):  # a checkpoint's root: check what it holds

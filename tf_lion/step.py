@@ -318,7 +318,8 @@ FUSION_GROUP_SIZE = 16
 # Variables of at least this many elements get a program of their own: they
 # are bound by memory bandwidth, and separate launches can run concurrently.
 # Measured, 10 variables of 1000 x 1000 in one process: one program 8.1 ms,
-# one per variable 6.9 ms (8.6 and 8.1 ms in a second, busier run).
+# one per variable 6.9 ms (8.6 and 8.1 ms in a second, busier run; 9.0 and
+# 8.2 ms in the run the README quotes).
 LARGE_VARIABLE = 2 ** 18
 
 

@@ -738,8 +738,9 @@ def compile_report(step_fn, *args, **kwargs):
 
     Returns:
       An `HloReport`. If XLA could not compile the step, `hlo_text` is ""
-      and the problems (kind "not-compilable") name every op of the traced
-      graph without an XLA kernel.
+      and the problems have kind "not-compilable": when XLA's error names an
+      op without an XLA kernel, one problem per such op of the traced graph;
+      otherwise one problem quoting the error's first line.
     """
     fn = xla_function(step_fn)
     # Tracing and argument errors propagate; only compiling is reported on.

@@ -72,9 +72,10 @@ def add_scaled(x, a, y):
     """`x + a * y`, rounded after the product and after the sum.
 
     Every `x + (scalar) * y` of the update goes through an `add_scaled`
-    function. This is the plain TF expression; without XLA, on a CPU,
-    `_step_tables` passes `_fused_add_scaled`, which rounds the same way in
-    one pass over memory.
+    function. This is the plain TF expression; without XLA, in graph mode on
+    an x86-64 CPU, for variables of `FUSED_MIN_ELEMENTS` or more (`_fuses`),
+    `_arithmetic` picks `_fused_add_scaled` instead, which rounds the same way
+    in one pass over memory.
     """
     return x + a * y
 
