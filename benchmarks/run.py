@@ -56,6 +56,9 @@ class Scenario:
     sparse: dict = None  # {"rows", "cols", "batch", "zipf"} for an embedding table
     bytes_per_param: int = 20  # Lion's minimal traffic per parameter, for the floor
     competitors: tuple = ()
+    # A smaller table whose lazy step ("tf_lion_lazy_small") is timed in this
+    # scenario's round-robin, so the two sizes see the same load.
+    small: "Scenario" = None
 
     @property
     def params(self):
@@ -115,13 +118,16 @@ def scenarios(tiny=False, quick=False):
                  "momentum (tf_lion m=bf16: bfloat16 momentum)", dense, dtype="bfloat16",
                  bytes_per_param=14, competitors=_BF16),
     ]
-    for rows, cols, batch in tables:
+    smallest = None
+    for rows, cols, batch in tables:  # smallest first
         out.append(Scenario(
             f"D{_rows_name(rows)}",
             f"{_rows_name(rows)} x {cols} float32 table, IndexedSlices of {batch} Zipf(1.1) "
             "indices with duplicates", [[rows, cols]],
             sparse={"rows": rows, "cols": cols, "batch": batch, "zipf": 1.1},
-            competitors=_SPARSE))
+            competitors=_SPARSE + (("tf_lion_lazy_small",) if smallest else ()),
+            small=smallest))
+        smallest = smallest or out[-1]
     out.append(Scenario("E", f"{len(tiny_vars)} tiny float32 variables of shape {tiny_vars[0]} "
                         "(per-variable overhead)", tiny_vars, competitors=_TINY_VARS))
     return out
@@ -194,6 +200,7 @@ _LABELS = {
     "tf_lion_exact_nojit": "tf_lion exact (no jit)",
     "tf_lion_lazy": "tf_lion lazy (jit)",
     "tf_lion_lazy_nojit": "tf_lion lazy (no jit)",
+    "tf_lion_lazy_small": "tf_lion lazy (jit) on the smaller table",
     "tf_keras_lion": "tf-keras Lion",
     "keras3_lion": "Keras 3 Lion",
     "tf_keras_adam": "tf-keras Adam",
@@ -206,6 +213,8 @@ ALL_COMPETITORS = tuple(_LABELS)
 
 def _label(key, scenario):
     label = _LABELS[key]
+    if key == "tf_lion_lazy_small":
+        return f"tf_lion lazy (jit), {_rows_name(scenario.small.sparse['rows'])} table"
     if scenario.dtype == "bfloat16":
         if key in ("tf_lion", "tf_lion_nojit", "tf_lion_xla_step"):
             label = label.replace("tf_lion", "tf_lion m=f32")
@@ -408,11 +417,19 @@ def _run_scenario(scenario, settings, stream, only=None):
     """
     data = make_data(scenario)
     keys = [k for k in scenario.competitors if only is None or k in only]
+    small = make_data(scenario.small) if "tf_lion_lazy_small" in keys else None
     competitors, skipped, checks = [], [], []
     for key in keys:
         start = time.perf_counter()
+        grads_np = data.grads_np
         try:
-            comp = Competitor(key, scenario, data)
+            if key == "tf_lion_lazy_small":  # the smaller table, timed in this rotation
+                comp = Competitor("tf_lion_lazy", scenario.small, small)
+                comp.key, comp.label, grads_np = key, _label(key, scenario), small.grads_np
+                comp.notes = (f"the {scenario.small.name} table's lazy step, interleaved with "
+                              f"this scenario's: {scenario.name} lazy / this = the size ratio")
+            else:
+                comp = Competitor(key, scenario, data)
         except Exception as e:  # noqa: BLE001 (a competitor that cannot run here is reported)
             if key.startswith("tf_lion"):
                 raise
@@ -422,7 +439,7 @@ def _run_scenario(scenario, settings, stream, only=None):
         try:
             if comp.is_tf_lion:
                 first_call, stats = check_optimizer(
-                    comp.step, comp.variables, comp.momentum, data.grads_np, HYPERPARAMETERS,
+                    comp.step, comp.variables, comp.momentum, grads_np, HYPERPARAMETERS,
                     mode=comp.mode, theta_dtype=scenario.dtype, m_dtype=comp.momentum_dtype,
                     steps=settings["check_steps"],
                     context=f"scenario {scenario.name}, {comp.label}")
@@ -498,7 +515,11 @@ def _run_scenario(scenario, settings, stream, only=None):
         "bandwidth_samples_gb_per_s": [round(b, 2) for b in bandwidth],
         **data.info,
     }
-    del competitors, data
+    medians = {r["key"]: r["median_ms"] for r in results}
+    if "tf_lion_lazy" in medians and "tf_lion_lazy_small" in medians:
+        info["smaller_table"] = scenario.small.name
+        info["lazy_over_smaller_table"] = medians["tf_lion_lazy"] / medians["tf_lion_lazy_small"]
+    del competitors, data, small
     gc.collect()
     return info, results, checks, skipped, bandwidth
 
@@ -599,6 +620,11 @@ def format_table(report):
         costs = ", ".join(f"{r['optimizer']} {_fmt(r['us_per_var_above_captures'])}"
                           for r in above if r["scenario"] == name)
         lines.append(f"{name}, us/var/step above the capture floor: {costs}")
+    for s in report["scenarios"]:
+        if "lazy_over_smaller_table" in s:
+            lines.append(f"{s['name']}, tf_lion lazy (jit) over the same step on the "
+                         f"{s['smaller_table']} table, timed in the same round-robin: "
+                         f"{s['lazy_over_smaller_table']:.2f}x")
     for s in report["skipped"]:
         lines.append(f"skipped in {s['scenario']}: {s['optimizer']}: {s['reason']}")
     return "\n".join(lines)

@@ -130,9 +130,10 @@ def test_bfloat16_rounding_matches_tensorflow():
 
 def _tiny_report(tmp_path, argv=()):
     path = tmp_path / "report.json"
-    code = bench.main(["--tiny", "--scenarios", "A,D500,E", "--repeats", "2", "--json", str(path),
+    code = bench.main(["--tiny", "--scenarios", "A,D,E", "--repeats", "2", "--json", str(path),
                        "--optimizers", "tf_lion,tf_lion_nojit,tf_lion_exact,tf_lion_lazy,"
-                       "tf_keras_lion,keras3_lion,legacy_adam,empty_call,captures_floor", *argv])
+                       "tf_lion_lazy_small,tf_keras_lion,keras3_lion,legacy_adam,empty_call,"
+                       "captures_floor", *argv])
     return code, path
 
 
@@ -148,7 +149,7 @@ def test_tiny_run_writes_the_documented_json(tmp_path, capsys):
         assert key in machine, key
     assert machine["tensorflow"] == tf.__version__
     assert machine["bandwidth_gb_per_s"] > 0
-    assert [s["name"] for s in report["scenarios"]] == ["A", "D500", "E"]
+    assert [s["name"] for s in report["scenarios"]] == ["A", "D500", "D2k", "E"]
     for s in report["scenarios"]:
         assert s["floor_ms"] > 0 and s["params"] > 0 and s["num_vars"] > 0
     assert report["skipped"] == []
@@ -157,9 +158,9 @@ def test_tiny_run_writes_the_documented_json(tmp_path, capsys):
         ("A", k)
         for k in ("tf_lion", "tf_lion_nojit", "tf_keras_lion", "keras3_lion", "legacy_adam")
     } | {
-        ("D500", k) for k in ("tf_lion_exact", "tf_lion_lazy", "tf_keras_lion", "keras3_lion",
-                              "legacy_adam")
-    } | {
+        (d, k) for d in ("D500", "D2k")
+        for k in ("tf_lion_exact", "tf_lion_lazy", "tf_keras_lion", "keras3_lion", "legacy_adam")
+    } | {("D2k", "tf_lion_lazy_small")} | {
         ("E", k) for k in ("tf_lion", "tf_lion_nojit", "tf_keras_lion", "keras3_lion",
                            "legacy_adam", "empty_call", "captures_floor")
     }
@@ -174,14 +175,23 @@ def test_tiny_run_writes_the_documented_json(tmp_path, capsys):
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["us_per_var"] > 0
         assert not r["retraced_while_timed"], r["optimizer"]
-    for s in ("A", "D500", "E"):
+    for s in ("A", "D500", "D2k", "E"):
         assert rows[(s, "tf_keras_lion")]["x_tf_keras_lion"] == pytest.approx(1.0)
+    # The smaller table's lazy step, timed in the larger table's round-robin: the size ratio.
+    small = rows[("D2k", "tf_lion_lazy_small")]
+    assert small["optimizer"] == "tf_lion lazy (jit), 500 table"
+    d2k = report["scenarios"][2]
+    assert "lazy_over_smaller_table" not in report["scenarios"][1]
+    assert d2k["smaller_table"] == "D500"
+    assert d2k["lazy_over_smaller_table"] == pytest.approx(
+        rows[("D2k", "tf_lion_lazy")]["median_ms"] / small["median_ms"])
     checked = {(c["scenario"], c["optimizer"]) for c in report["correctness"]}
     assert checked == {(r["scenario"], r["optimizer"]) for r in report["results"]
                        if r["key"].startswith("tf_lion")}
     assert all(c["passed"] and c["steps"] == 2 for c in report["correctness"])
     table = capsys.readouterr().out
     assert "x tf-keras Lion" in table and "tf_lion lazy (jit)" in table
+    assert "D2k, tf_lion lazy (jit) over the same step on the D500 table" in table
 
 
 def test_run_aborts_before_timing_when_tf_lion_disagrees(tmp_path, monkeypatch, capsys):
