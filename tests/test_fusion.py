@@ -482,6 +482,30 @@ def test_update_chains_order_large_updates_per_chain_and_device():
     assert waits_for("small:0") == [] and waits_for("other_device:0") == []
 
 
+@pytest.mark.parametrize("files, expected", [
+    ({}, 64),                                                     # no cgroup files: affinity
+    ({"cpu.max": "max 100000\n"}, 64),                            # v2, unlimited
+    ({"cpu.max": "200000 100000\n"}, 2),                          # v2, 2 CPUs
+    ({"cpu.max": "150000 100000\n"}, 2),                          # v2, 1.5 CPUs: round up
+    ({"cpu.max": "50000 100000\n"}, 1),                           # v2, half a CPU: one chain
+    ({"unified/cpu.max": "300000 100000\n"}, 3),                  # hybrid hierarchy
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64),  # v1, none
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+    ({"cpu.max": "8000000 100000\n"}, 64),                        # v2, 80 CPUs: the affinity
+    ({"cpu.max": "garbage\n"}, 64),                               # malformed: no limit
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "0\n"}, 64),
+])
+def test_cores_are_the_affinity_capped_by_the_cgroup_quota(files, expected, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert step_lib._cores(str(tmp_path)) == expected
+    assert step_lib.UpdateChains()._chains == step_lib._cores()  # the default root
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_chained_graph_mode_optimizer_equals_reference(fused, rng, monkeypatch):
     """Without XLA the updates of variables of >= CHAIN_MIN_ELEMENTS are

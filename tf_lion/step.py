@@ -16,6 +16,7 @@ the variables of one device, as plain functions the optimizer hands to
 """
 
 import collections
+import math
 import os
 import zlib
 
@@ -270,11 +271,46 @@ def packs(variables, grads, slots, decayed, seeds, options):
 CHAIN_MIN_ELEMENTS = 256
 
 
-def _cores():
+def _cores(cgroup_root="/sys/fs/cgroup"):
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota.
+
+    In a container limited to 2 CPUs of a 64-core host, the affinity says
+    64; one chain per core would then put 64 variables in flight at once.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(root):
+    """CPUs allowed by the cgroup CPU limit at `root` (quota / period), or None.
+
+    Reads cgroup v2's `cpu.max` ("max 100000" means no limit), at `root` or
+    at `root/unified` (hybrid hierarchy), or cgroup v1's
+    `cpu/cpu.cfs_quota_us` over `cpu.cfs_period_us` (-1 means no limit).
+    Inside a container the limit of the container is at the root; an
+    unreadable or malformed file counts as no limit.
+    """
+    def read(*path):
+        try:
+            with open(os.path.join(root, *path)) as f:
+                return f.read().split()
+        except (OSError, UnicodeDecodeError):
+            return None
+    try:
+        for v2 in (("cpu.max",), ("unified", "cpu.max")):
+            fields = read(*v2)
+            if fields:
+                return None if fields[0] == "max" else int(fields[0]) / int(fields[1])
+        quota, period = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+        if quota and period and int(quota[0]) > 0:
+            return int(quota[0]) / int(period[0])
+    except (ValueError, IndexError, ZeroDivisionError):
+        pass
+    return None
 
 
 class UpdateChains:
