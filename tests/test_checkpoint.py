@@ -168,6 +168,35 @@ def test_checkpoint_without_optimizer_state_warns_and_keeps_zero_momentum(tmp_pa
         np.testing.assert_array_equal(opt.get_slot(b, "m").numpy(), np.zeros(b.shape))
 
 
+@pytest.mark.parametrize("new_setting, fresh", [
+    ({"use_ema": True}, "EMA average starts at the restored weights"),
+    ({"gradient_accumulation_steps": 2}, "gradient accumulator starts at zero"),
+])
+def test_warning_names_only_the_slots_that_start_fresh(tmp_path, new_setting, fresh):
+    """Resuming with EMA or accumulation newly on: the momentum is restored,
+    and the warning names the new slots, not the momentum."""
+    path, saved, _ = _train_one_and_save(tmp_path)
+    model, opt = _model(seed=4), _optimizer(learning_rate=0.01, **{"use_ema": False,
+                                                                   **new_setting})
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    with pytest.warns(UserWarning, match=f"no Lion state for some of their slots: {fresh} "
+                                         "for 5 variable"):
+        opt.build(model.trainable_variables)
+    for name, v in _named(model).items():
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), saved[name][1])
+
+
+def test_a_slot_that_fails_to_restore_fails_again_instead_of_starting_at_zero(tmp_path):
+    path, saved, _ = _train_one_and_save(tmp_path)  # float32 momentum
+    model, opt = _model(seed=4), _optimizer(use_ema=False, momentum_dtype="bfloat16")
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    for _ in range(2):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="bfloat16"):
+            opt.build(model.trainable_variables)
+    with pytest.raises(KeyError, match="no 'm' slot yet"):  # no slot of zeros was kept
+        opt.get_slot(model.trainable_variables[0], "m")
+
+
 def test_no_warning_when_state_is_restored(tmp_path, recwarn):
     path, _, _ = _train_one_and_save(tmp_path)
     model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)

@@ -235,6 +235,52 @@ def test_errors_for_checkpoints_without_tf_keras_lion_momenta(tmp_path):
         checkpoint_lib.restore_from_tf_keras_lion(adam_path, model, adam)
 
 
+def test_written_source_and_compiled_models_restore(tmp_path):
+    """A source written with `Checkpoint.write` (no save counter), and models
+    compiled with the optimizers on both sides (the `fit` user): the model's
+    optimizer is a child of the model in both checkpoints."""
+    keras_model = dense_model()
+    keras_opt = tf_keras.optimizers.Lion(learning_rate=LR, beta_1=BETA_1, beta_2=BETA_2)
+    keras_model.compile(keras_opt, "mse")
+    train(keras_model, keras_opt, dense_batch, 3)
+    path = tf.train.Checkpoint(model=keras_model, optimizer=keras_opt).write(str(tmp_path / "w"))
+
+    model, opt = dense_model(), tf_lion_opt(learning_rate=0.5 * LR)
+    model.compile(opt, "mse")
+    checkpoint_lib.restore_from_tf_keras_lion(path, model, opt)
+    assert_momenta_match(opt, model, keras_opt)
+    assert int(opt.iterations.numpy()) == 3
+    assert float(opt.learning_rate.numpy()) == np.float32(0.5 * LR)  # its own, not the source's
+    for mine, theirs in zip(model.variables, keras_model.variables):
+        assert_bitwise(mine.numpy(), theirs.numpy())
+
+
+def test_model_weights_missing_from_the_checkpoint_are_named(tmp_path):
+    path, _, _ = write_tf_keras_checkpoint(tmp_path)
+    model = dense_model()
+    model.add(tf_keras.layers.Dense(2))  # its weights are not in the checkpoint
+    opt = tf_lion_opt()
+    variables = model.trainable_variables[:4]  # the source's, for the momenta
+    with pytest.raises(ValueError, match=r"2 of the model's 6 weights are not in it"):
+        checkpoint_lib.restore_from_tf_keras_lion(path, model, opt,
+                                                  trainable_variables=variables)
+
+
+@pytest.mark.parametrize("build_first", [True, False])
+def test_plain_restore_of_tf_keras_lion_momenta_warns_that_they_are_dropped(tmp_path,
+                                                                             build_first):
+    path, keras_model, _ = write_tf_keras_checkpoint(tmp_path)
+    model, opt = dense_model(), tf_lion_opt()
+    if build_first:
+        opt.build(model.trainable_variables)
+    with pytest.warns(UserWarning, match="NOT restored.*restore_from_tf_keras_lion"):
+        tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    opt.build(model.trainable_variables)
+    for mine, theirs in zip(model.variables, keras_model.variables):
+        assert_bitwise(mine.numpy(), theirs.numpy())
+    assert not np.any(opt.get_slot(model.trainable_variables[0], "m").numpy())
+
+
 # --------------------------------------------------------------------------- #
 # OptimizerV2 slot layout (legacy optimizers, the paper's TF2 Lion)
 # --------------------------------------------------------------------------- #

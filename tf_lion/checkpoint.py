@@ -321,13 +321,7 @@ def restore_from_tf_keras_lion(path, model, optimizer, *, trainable_variables=No
     # Slots first: built before the weights are restored, they are not taken
     # for slots missing from a checkpoint. Every value is assigned below.
     optimizer.build(variables)
-    status = tf.train.Checkpoint(model=model).restore(state.prefix).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as error:
-        summary = str(error).split(" Showing")[0]  # without the variables' values
-        raise ValueError(f"The model does not match the checkpoint's 'model' entry in "
-                         f"'{state.prefix}': {summary}") from None
+    _restore_model(state.prefix, model, optimizer)
     for variable, tensor in zip(variables, state.momenta):
         slot = optimizer.get_slot(variable, "m")
         slot.assign(tf.cast(reader.get_tensor(tensor.key), slot.dtype))
@@ -349,6 +343,40 @@ def restore_from_tf_keras_lion(path, model, optimizer, *, trainable_variables=No
                       "the tf_lion optimizer has use_ema=False: the averages are dropped.",
                       stacklevel=2)
     return state
+
+
+def _restore_model(prefix, model, optimizer):
+    """Restores the checkpoint's 'model' entry into `model`; every weight must be in it.
+
+    `read` (not `restore`) adds no save counter to match. Only the model's own
+    weights must come from the checkpoint: a model compiled with `optimizer`
+    reaches it (and its slots, built empty just before) as a child, and the
+    optimizer's learning rate and step are kept as they were. While this runs,
+    the optimizer lets the source's `momentums` list pass; the momenta are
+    read by position afterwards.
+    """
+    weights = {id(v): v for v in model.variables}
+    # The source's step and learning rate could reach these through the
+    # model's optimizer; the slots are all assigned by the caller.
+    own = [v for v in (optimizer.iterations, getattr(optimizer, "_learning_rate", None))
+           if isinstance(v, tf.Variable)]
+    own_values = [v.numpy() for v in own]
+    before = {key: v._update_uid for key, v in weights.items()}  # pylint: disable=protected-access
+    optimizer._migrating = True  # pylint: disable=protected-access
+    try:
+        tf.train.Checkpoint(model=model).read(prefix).expect_partial()
+    finally:
+        optimizer._migrating = False  # pylint: disable=protected-access
+        for variable, value in zip(own, own_values):
+            variable.assign(value)
+    # A restore stamps every variable it assigns with its (increasing) uid.
+    missing = [v.name for key, v in weights.items()
+               if v._update_uid <= before[key]]  # pylint: disable=protected-access
+    if missing:
+        raise ValueError(
+            f"The model does not match the checkpoint's 'model' entry in '{prefix}': "
+            f"{len(missing)} of the model's {len(weights)} weights are not in it: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}.")
 
 
 def convert_tf_keras_lion_checkpoint(src_path, dst_prefix, model, optimizer):

@@ -90,6 +90,37 @@ def _unwrap(variable):
     return variable
 
 
+_TF_KERAS_MOMENTA = (
+    "Optimizer '{name}': the checkpoint being restored holds the momenta of a tf-keras "
+    "optimizer (a 'momentums' list: tf_keras.optimizers.Lion, or SGD), which tf.train.Checkpoint "
+    "cannot restore into tf_lion's per-variable slots: they are NOT restored, and the momentum "
+    "of the restored variables starts at zero. To resume a tf-keras Lion's momenta, restore it "
+    "with tf_lion.checkpoint.restore_from_tf_keras_lion(path, model, optimizer) (or convert it "
+    "once with convert_tf_keras_lion_checkpoint).")
+
+
+_FRESH_SLOT = {
+    "m": "momentum starts at zero",
+    "average": "EMA average starts at the restored weights",
+    "accumulator": "gradient accumulator starts at zero",
+    "touched": "row mask of the accumulation window starts empty",
+}
+
+
+def _warn_fresh_slots(optimizer_name, without_state):
+    """Warns which slots of restored variables start fresh, by slot name."""
+    parts = [f"{_FRESH_SLOT[slot]} for {len(names)} variable(s) "
+             f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+             for slot, names in without_state.items()]
+    warnings.warn(
+        f"Optimizer '{optimizer_name}': variables were restored from a checkpoint that holds no "
+        f"Lion state for some of their slots: {'; '.join(parts)}. To resume that state, restore "
+        "the optimizer in the same tf.train.Checkpoint as the model (with the same use_ema and "
+        "gradient accumulation settings).",
+        stacklevel=3,
+    )
+
+
 def _check_gradient(grad, variable):
     """Errors that name the variable for gradients that cannot be applied to it."""
     name = variable.name
@@ -371,33 +402,30 @@ class Lion(keras_optimizer.Optimizer):
         Unlike tf-keras, variables first seen after the first step get their
         slots then; slots are keyed to variables, never to positions.
         """
-        without_state = []
+        without_state = {}  # slot name -> names of restored variables it starts fresh for
         for var in var_list:
             var = _unwrap(var)
             created = []
             if not self._slots.has(var, "m"):
                 dtype = self._momentum_dtype or _true_dtype(var)
-                created.append(self._slots.create(var, "m", dtype))
+                created.append(("m", self._slots.create(var, "m", dtype)))
             if self.use_ema and not self._slots.has(var, "average"):
-                created.append(self._slots.create(var, "average", _true_dtype(var), initial_value=var))
+                created.append(("average", self._slots.create(var, "average", _true_dtype(var),
+                                                              initial_value=var)))
             if self._accumulating:
                 acc_dtype = update_lib.compute_dtype(_true_dtype(var))
                 if not self._slots.has(var, "accumulator"):
-                    created.append(self._slots.create(var, "accumulator", acc_dtype))
+                    created.append(("accumulator",
+                                    self._slots.create(var, "accumulator", acc_dtype)))
                 if self._uses_row_mask(var) and not self._slots.has(var, "touched"):
-                    created.append(self._slots.create(var, "touched", tf.float32))
-            if any(fresh for _, fresh in created):
-                without_state.append(var.name)
+                    created.append(("touched", self._slots.create(var, "touched", tf.float32)))
+            for slot_name, (_, fresh) in created:
+                if fresh:
+                    without_state.setdefault(slot_name, []).append(var.name)
         if self._deferred_sharded:
             self._restore_deferred_sharded()
         if without_state:
-            warnings.warn(
-                f"Optimizer '{self.name}': {len(without_state)} variable(s) were restored from a "
-                "checkpoint that holds no Lion state for them, so their momentum starts at zero: "
-                f"{without_state[:5]}{' ...' if len(without_state) > 5 else ''}. To resume the "
-                "momentum, restore the optimizer in the same tf.train.Checkpoint as the model.",
-                stacklevel=2,
-            )
+            _warn_fresh_slots(self.name, without_state)
         self._built = True
 
     def get_slot_names(self):
@@ -486,6 +514,10 @@ class Lion(keras_optimizer.Optimizer):
         # step as "iter": restore it into `iterations`. Saving is unchanged.
         if name == "iter":
             return self._iterations
+        if name == "momentums" and not getattr(self, "_migrating", False):
+            # tf-keras Lion (and SGD) keep their momenta in a list, which
+            # tf.train.Checkpoint cannot map onto slots keyed to variables.
+            warnings.warn(_TF_KERAS_MOMENTA.format(name=self.name), stacklevel=2)
         return super()._lookup_dependency(name, cached_dependencies)
 
     @property

@@ -119,15 +119,20 @@ class SlotStore:
                     dtype=dtype,
                     trainable=False,
                 )
+        # Queued checkpoint values first, and the slot is registered only if
+        # they all fit: when one fails (e.g. a bfloat16 momentum restored into
+        # a float32 slot), the error propagates and the values stay queued, so
+        # the next attempt raises again instead of starting from zeros.
+        positions = self._deferred.get((key, slot_name), [])
+        # Highest restore UID first: later restores win, as in OptimizerV2.
+        for position in sorted(positions, key=lambda p: p.restore_uid, reverse=True):
+            position.restore(slot)
+        self._deferred.pop((key, slot_name), None)
         if key not in self._slots:
             self._slots[key] = {}
             self._order.append(key)
             self._owners[key] = variable
         self._slots[key][slot_name] = slot
-        positions = self._deferred.pop((key, slot_name), [])
-        # Highest restore UID first: later restores win, as in OptimizerV2.
-        for position in sorted(positions, key=lambda p: p.restore_uid, reverse=True):
-            position.restore(slot)
         restored_without_state = not positions and getattr(variable, "_self_update_uid", -1) >= 0
         return slot, restored_without_state
 
