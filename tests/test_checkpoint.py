@@ -186,6 +186,29 @@ def test_warning_names_only_the_slots_that_start_fresh(tmp_path, new_setting, fr
         np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), saved[name][1])
 
 
+def test_state_the_optimizer_no_longer_keeps_is_dropped_with_a_warning(tmp_path, recwarn):
+    model, opt = _model(), _optimizer(use_ema=True, gradient_accumulation_steps=2)
+    _train(model, opt, _batches(2))  # a window completed: the accumulators are zero
+    between = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "between"))
+    _train(model, opt, _batches(1, seed=8))  # a window in progress
+    within = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "within"))
+
+    restored, plain = _model(seed=4), _optimizer(use_ema=True)
+    tf.train.Checkpoint(model=restored, optimizer=plain).restore(between)
+    assert not [w for w in recwarn if "does not keep" in str(w.message)]  # zeros: nothing lost
+    restored, plain = _model(seed=4), _optimizer(use_ema=False)
+    with pytest.warns(UserWarning) as record:
+        tf.train.Checkpoint(model=restored, optimizer=plain).restore(within)
+    messages = [str(w.message) for w in record if "does not keep" in str(w.message)]
+    assert len(messages) == 2  # once per slot name, not per variable
+    assert any("'average' slots" in m for m in messages)
+    assert any("'accumulator' slots" in m and "window in progress are dropped" in m
+               for m in messages)
+    plain.build(restored.trainable_variables)  # the momentum itself is restored
+    for a, b in zip(model.trainable_variables, restored.trainable_variables):
+        np.testing.assert_array_equal(opt.get_slot(a, "m").numpy(), plain.get_slot(b, "m").numpy())
+
+
 def test_a_slot_that_fails_to_restore_fails_again_instead_of_starting_at_zero(tmp_path):
     path, saved, _ = _train_one_and_save(tmp_path)  # float32 momentum
     model, opt = _model(seed=4), _optimizer(use_ema=False, momentum_dtype="bfloat16")
@@ -285,13 +308,133 @@ def test_save_weights_load_weights_keep_optimizer_state(tmp_path, fmt):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     path = str(tmp_path / ("w" if fmt == "tf" else "model.weights.h5"))
     model.save_weights(path)
-    restored = _compiled(seed=9)
-    if fmt == "weights.h5":
-        restored.optimizer.build(restored.trainable_variables)
-    restored.load_weights(path)
-    if fmt == "tf":
-        restored.optimizer.build(restored.trainable_variables)
+    for build_first in (True, False):  # .weights.h5 before the build: the values wait for it
+        restored = _compiled(seed=9)
+        if build_first:
+            restored.optimizer.build(restored.trainable_variables)
+        restored.load_weights(path)
+        if not build_first:
+            assert int(restored.optimizer.iterations) == (4 if fmt == "tf" else 0)
+            restored.optimizer.build(restored.trainable_variables)
+        _assert_states_equal(_fit_state(model), _fit_state(restored))
+
+
+def _fine_tuned(path_stem):
+    """Trained with the embedding frozen, then unfrozen: the slots of `dense`
+    and `out` are built a step before the embedding's."""
+    x, y = _fit_data()
+    model = _compiled()
+    model.emb.trainable = False
+    model.compile(optimizer=model.optimizer, loss="mse")
+    model.fit(x[:32], y[:32], batch_size=16, verbose=0, shuffle=False)
+    model.emb.trainable = True
+    model.compile(optimizer=model.optimizer, loss="mse")
+    model.fit(x[32:], y[32:], batch_size=16, verbose=0, shuffle=False)
+    model.save(path_stem + ".keras")
+    model.save_weights(path_stem + ".weights.h5")
+    return model
+
+
+def test_keras_files_put_each_momentum_on_its_own_variable_after_fine_tuning(tmp_path):
+    model = _fine_tuned(str(tmp_path / "ft"))
+    # fit's last build covered all variables: the state follows the model's order.
+    assert ([v.name for v in model.optimizer._slots.ordered_owners("m")]
+            == [v.name for v in model.trainable_variables])
+    loaded = tf_keras.models.load_model(str(tmp_path / "ft.keras"))  # names kept
+    _assert_states_equal(_fit_state(model), _fit_state(loaded))
+    restored = _compiled(seed=9)  # other variable names: by position, in the model's order
+    restored.load_weights(str(tmp_path / "ft.weights.h5"))
+    restored.optimizer.build(restored.trainable_variables)
     _assert_states_equal(_fit_state(model), _fit_state(restored))
+
+
+def test_keras_file_state_goes_by_name_when_the_order_differs(tmp_path):
+    """Built in another order than the file's (a custom loop over a subset
+    first): labels with the same variable names put every value in place."""
+    model = _fine_tuned(str(tmp_path / "ft"))
+    emb, rest = model.trainable_variables[:1], model.trainable_variables[1:]
+    saved = _fit_state(model)
+    opt = _optimizer()
+    opt.build(rest)
+    opt.build(rest + emb)  # covers all, but in another order than the file's
+    assert opt._slots.ordered_owners("m") == rest + emb != model.trainable_variables
+    model.optimizer = opt
+    model.load_weights(str(tmp_path / "ft.weights.h5"))
+    _assert_states_equal(saved, _fit_state(model))
+
+
+def _h5_labels_removed(path):
+    import h5py  # installed with TensorFlow
+    with h5py.File(path, "r+") as f:
+        del f["optimizer/vars/labels"]
+
+
+def _optimizer_state(opt):
+    return [v.numpy() for v in opt.variables]
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_keras_file_that_does_not_fit_raises_and_loads_nothing(tmp_path, labels):
+    """Keras loads the layers' weights first; the optimizer's state is all
+    loaded or (here) not at all."""
+    x, y = _fit_data()
+    source = _compiled(use_ema=False, gradient_accumulation_steps=2)
+    source.fit(x[:48], y[:48], batch_size=16, verbose=0, shuffle=False)  # mid-window
+    path = str(tmp_path / "acc.weights.h5")
+    source.save_weights(path)
+    if not labels:  # a file without labels (tf_lion before labels): by position only
+        _h5_labels_removed(path)
+    targets = [_compiled(seed=3, skip_nonfinite=True)]  # one variable more
+    if labels:  # as many variables as the file, of other kinds: told apart by the labels
+        targets.append(_compiled(seed=3))
+    for target in targets:
+        target.fit(x[:16], y[:16], batch_size=16, verbose=0)
+        before = _optimizer_state(target.optimizer)
+        match = (r"holds step counter: 1, momenta: 5, gradient accumulators: 5; this optimizer "
+                 r"has step counter: 1, momenta: 5, (EMA averages: 5|skipped-step counter: 1)"
+                 if labels else "has 12 variables .*; the Keras file holds 11")
+        with pytest.raises(ValueError, match=match + ".*Nothing was loaded into the optimizer"):
+            target.load_weights(path)
+        for a, b in zip(before, _optimizer_state(target.optimizer)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_keras_file_state_by_position_checks_every_shape(tmp_path):
+    """Other variable names and another order: by position, and a shape that
+    does not fit names the slot and the file's position and label."""
+    _fine_tuned(str(tmp_path / "ft"))
+    model = _compiled(seed=9)
+    emb, rest = model.trainable_variables[:1], model.trainable_variables[1:]
+    model.optimizer.build(rest + emb)
+    before = _optimizer_state(model.optimizer)
+    with pytest.raises(ValueError, match=r"'m:net_\d+/dense_\d+/kernel:0' has shape \(4, 3\), "
+                                         r"but its value in the Keras file \(position 1 \('m:"
+                                         r"net_\d+/embedding_\d+/embeddings:0'\)\) has shape "
+                                         r"\(30, 4\)"):
+        model.load_weights(str(tmp_path / "ft.weights.h5"))
+    for a, b in zip(before, _optimizer_state(model.optimizer)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keras_file_loaded_before_build_waits_for_all_variables(tmp_path):
+    model = _fine_tuned(str(tmp_path / "ft"))
+    restored = _compiled(seed=9)
+    restored.load_weights(str(tmp_path / "ft.weights.h5"))
+    with pytest.raises(ValueError, match=r"this optimizer has step counter: 1, momenta: 1, "
+                                         r"EMA averages: 1.*before the optimizer built its slots"):
+        restored.optimizer.build(restored.trainable_variables[:1])
+    restored.optimizer.build(restored.trainable_variables)  # now it fits, and loads
+    _assert_states_equal(_fit_state(model), _fit_state(restored))
+
+
+def test_keras_file_without_optimizer_state_warns_and_changes_nothing(tmp_path):
+    path = str(tmp_path / "model_only.weights.h5")
+    _model().save_weights(path)  # not compiled: no optimizer in the file
+    target = _compiled(seed=3)  # compiled, not trained (a trained one has loss metrics)
+    with pytest.warns(UserWarning, match="holds no optimizer state"):
+        target.load_weights(path)
+    target.optimizer.build(target.trainable_variables)  # nothing was left pending
+    assert not np.any(target.optimizer.get_slot(target.trainable_variables[0], "m").numpy())
 
 
 def test_model_checkpoint_callback_keeps_optimizer_state(tmp_path):

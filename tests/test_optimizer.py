@@ -227,9 +227,15 @@ def test_variables_order_and_new_variables_get_slots(rng):
     a, b = tf.Variable(_random(rng, (2,))), tf.Variable(_random(rng, (3,)))
     opt = tf_lion.Lion()
     opt.apply_gradients([(tf.ones(2), a)])
+    assert [v.shape for v in opt.variables] == [(), (2,)]
     opt.apply_gradients([(tf.ones(3), b), (tf.ones(2), a)])  # b is new: gets its slot now
+    # A step over all the variables orders them (as fit's steps over the model's).
+    assert [v.shape for v in opt.variables] == [(), (3,), (2,)]
+    assert opt.variables[2] is opt.get_slot(a, "m")
+    opt.apply_gradients([(tf.ones(2), a)])  # a subset: the order stays
+    assert [v.shape for v in opt.variables] == [(), (3,), (2,)]
+    opt.apply_gradients([(tf.ones(2), a), (tf.ones(3), b)])
     assert [v.shape for v in opt.variables] == [(), (2,), (3,)]
-    assert opt.variables[1] is opt.get_slot(a, "m")
     assert opt.get_slot_names() == ["m"]
 
 

@@ -290,6 +290,8 @@ class Lion(keras_optimizer.Optimizer):
         self._slots = self._no_dependency(slots_lib.SlotStore(self._var_key))
         self._sharded_slots = self._no_dependency({})
         self._deferred_sharded = self._no_dependency({})
+        self._pending_keras_state = None  # (labels, values) of a Keras file loaded before build
+        self._warned_unused_slots = self._no_dependency(set())
         # No Python control flow on tensors in tf_lion: AutoGraph has nothing
         # to convert, and skipping it makes tracing faster.
         self._compiled_step = self._no_dependency(tf.function(
@@ -424,7 +426,18 @@ class Lion(keras_optimizer.Optimizer):
                     without_state.setdefault(slot_name, []).append(var.name)
         if self._deferred_sharded:
             self._restore_deferred_sharded()
-        if without_state:
+        self._slots.follow_order([_unwrap(v) for v in var_list])
+        if self._pending_keras_state is not None:
+            try:  # the values of a Keras file loaded before the slots existed
+                self._assign_keras_state(*self._pending_keras_state)
+                self._pending_keras_state = None
+            except ValueError as error:  # they stay pending: the next build raises again
+                raise ValueError(
+                    f"{error} The Keras file was loaded before the optimizer built its slots, "
+                    "which it does now for the variables of its first step; build them for all "
+                    "the model's trainable variables before loading "
+                    "(optimizer.build(model.trainable_variables)).") from None
+        elif without_state:
             _warn_fresh_slots(self.name, without_state)
         self._built = True
 
@@ -467,6 +480,9 @@ class Lion(keras_optimizer.Optimizer):
     def _create_or_restore_slot_variable(self, slot_variable_position, slot_name, variable,
                                          slot_variable_shape=None):
         del slot_variable_shape  # the variable's own shape is checked instead
+        if slot_name not in self._slot_names():
+            self._drop_unused_slot(slot_variable_position, slot_name, variable)
+            return None
         if isinstance(variable, sharded_variable.ShardedVariable):
             slots_lib.check_slot_shape(variable, slot_name, slot_variable_position.value_shape())
             slot = self._sharded_slot(variable, slot_name)
@@ -478,6 +494,27 @@ class Lion(keras_optimizer.Optimizer):
             slot_variable_position.restore(slot)
             return slot
         return self._slots.create_or_restore(slot_variable_position, slot_name, _unwrap(variable))
+
+    def _drop_unused_slot(self, position, slot_name, variable):
+        """A checkpointed slot this optimizer does not keep (EMA or accumulation
+        turned off, lazy accumulation's row mask in exact mode): not restored,
+        and said once per slot name when it held anything."""
+        warned = self._warned_unused_slots
+        if slot_name in warned:
+            return
+        path = position.checkpoint.save_path_string
+        key = next((a.checkpoint_key for a in position.object_proto.attributes
+                    if a.name == "VARIABLE_VALUE"), None)
+        if key is None or not np.any(tf.train.load_checkpoint(path).get_tensor(key)):
+            return  # nothing lost (an accumulator between windows is zero)
+        warned.add(slot_name)
+        warnings.warn(
+            f"Optimizer '{self.name}': the checkpoint holds '{slot_name}' slots, which this "
+            f"optimizer does not keep (its slots: {self._slot_names()}); they are not restored. "
+            f"'{slot_name}' of '{variable.name}' is not zero"
+            + (": the gradients of an accumulation window in progress are dropped."
+               if slot_name in ("accumulator", "touched") else "."),
+            stacklevel=2)
 
     # A partitioned variable (`ShardedVariable`, ParameterServerStrategy) has
     # one slot per shard, next to its shard. Checkpoints see one slot for the
@@ -527,18 +564,64 @@ class Lion(keras_optimizer.Optimizer):
         With gradient accumulation the accumulators (and lazy row masks)
         follow, and with `skip_nonfinite` the skipped-step counter comes last.
 
-        Variables in the order they were first built (for `model.fit`:
-        `model.trainable_variables`). Keras's `.keras` and `save_weights` files
-        store optimizer state in this order.
+        Variables in the order of the last `build` (each step builds) that
+        covered all of them (for `model.fit`: `model.trainable_variables`), or
+        else the order they were first built in. Keras's `.keras` and
+        `save_weights` files store optimizer state in this order, with a label
+        per position (`save_own_variables`).
         """
-        state = [self._iterations] + self._slots.ordered("m")
-        if self.use_ema:
-            state += self._slots.ordered("average")
+        return keras_optimizer.CallableList([v for _, v in self._labelled_variables()])
+
+    def _labelled_variables(self):
+        """`[(label, variable)]` in the order of `variables`: `"iterations"`,
+        `"m:<variable name>"`, ..., `"skipped_steps"`."""
+        slot_names = ["m"] + (["average"] if self.use_ema else [])
         if self._accumulating:
-            state += self._slots.ordered("accumulator") + self._slots.ordered("touched")
+            slot_names += ["accumulator", "touched"]
+        state = [("iterations", self._iterations)]
+        for slot_name in slot_names:
+            state += [(f"{slot_name}:{owner.name}", slot) for owner, slot in
+                      zip(self._slots.ordered_owners(slot_name), self._slots.ordered(slot_name))]
         if self.skip_nonfinite:
-            state.append(self._skipped_steps)
-        return keras_optimizer.CallableList(state)
+            state.append(("skipped_steps", self._skipped_steps))
+        return state
+
+    def save_own_variables(self, store):
+        """Keras file formats: `variables` by position ("0", "1", ...), as
+        tf-keras stores them, and under "labels" what each position holds."""
+        state = self._labelled_variables()
+        for i, (_, variable) in enumerate(state):
+            store[str(i)] = variable.numpy()
+        store["labels"] = np.array([label.encode("utf-8") for label, _ in state])
+
+    def load_own_variables(self, store):
+        """Loads a Keras file's optimizer state; see `slots.match_keras_state`.
+
+        Before the optimizer has built its slots (`load_weights` on a model
+        not trained yet), the values wait and are assigned when the slots are
+        built (the first step, or `build`). Nothing is skipped: a file that
+        does not fit raises `ValueError` saying what does not fit.
+        """
+        keys = [k for k in store.keys() if k.isdigit()]
+        if not keys:  # a file saved without an optimizer: nothing to lose
+            warnings.warn(f"Optimizer '{self.name}': the Keras file holds no optimizer state; "
+                          "the optimizer keeps its own.", stacklevel=2)
+            return
+        values = [np.asarray(store[str(i)]) for i in range(len(keys))]
+        labels = None
+        if "labels" in store.keys():
+            labels = [bytes(b).decode("utf-8") for b in np.asarray(store["labels"]).tolist()]
+        if self._slots.owners() or len(values) == len(self._labelled_variables()):
+            self._assign_keras_state(labels, values)
+        else:
+            self._pending_keras_state = self._no_dependency((labels, values))
+
+    def _assign_keras_state(self, labels, values):
+        state = self._labelled_variables()
+        pairs = slots_lib.match_keras_state(self.name, [label for label, _ in state],
+                                            [v for _, v in state], labels, values)
+        for variable, value in pairs:
+            variable.assign(value)
 
     def set_weights(self, weights):
         variables = self.variables

@@ -19,10 +19,11 @@ is queued here and filled in the moment the slot is created.
 import contextlib
 import warnings
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute import sharded_variable
 
-__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS"]
+__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state"]
 
 # Slots with one entry per row of their variable (not the variable's shape).
 ROW_SLOTS = ("touched",)
@@ -95,6 +96,24 @@ class SlotStore:
     def ordered(self, slot_name):
         """All slots of one name, in the order their variables were built."""
         return [self._slots[k][slot_name] for k in self._order if slot_name in self._slots[k]]
+
+    def follow_order(self, variables):
+        """Orders the slots as `variables` when those are all the slots' variables.
+
+        `model.fit` builds with `model.trainable_variables`, and so does
+        `load_model` before it loads a Keras file by position: after a
+        fine-tuning run that unfroze layers, the slots follow the model's
+        order again, not the order the layers were first trained in. A list
+        that leaves out some variables (a step over a subset) changes nothing.
+        """
+        keys = list(dict.fromkeys(self._key_fn(v) for v in variables))
+        order = [k for k in keys if k in self._slots]
+        if len(order) == len(self._order) and order != self._order:
+            self._order = order
+
+    def ordered_owners(self, slot_name):
+        """The variables of `ordered(slot_name)`, in the same order."""
+        return [self._owners[k] for k in self._order if slot_name in self._slots[k]]
 
     def owners(self):
         return list(self._owners.values())
@@ -173,3 +192,71 @@ def warn_slots_not_in_checkpoint(root, owners, key_fn, optimizer_name):
         )
         return missing
     return []
+
+
+# --------------------------------------------------------------------------- #
+# Keras file formats (`.keras`, `.weights.h5`): state stored by position
+# --------------------------------------------------------------------------- #
+_KINDS = {"m": "momenta", "average": "EMA averages", "accumulator": "gradient accumulators",
+          "touched": "row masks", "iterations": "step counter",
+          "skipped_steps": "skipped-step counter"}
+
+
+def _kind(label):
+    return label.split(":", 1)[0]
+
+
+def _describe(labels):
+    counts = {}
+    for label in labels:
+        counts[_kind(label)] = counts.get(_kind(label), 0) + 1
+    return ", ".join(f"{_KINDS.get(kind, kind)}: {n}" for kind, n in counts.items())
+
+
+def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_values):
+    """Pairs the optimizer's variables with the values of a Keras file; checks all first.
+
+    Keras files store optimizer state by list position. tf_lion also stores a
+    label per position (`"m:<variable name>"`, `"iterations"`, ...). With
+    labels, the kinds of state must agree (a file with accumulators does not
+    load into EMA averages); when the names are unique on both sides and the
+    same, values go to the variable of their name, whatever the order the
+    slots were built in (a fine-tuning run that unfroze layers builds them in
+    another order than `load_model`). Otherwise (other variable names, or a
+    file without labels) values go by position. Every count and shape is
+    checked before anything is assigned.
+
+    Returns:
+      `[(variable, value)]` to assign.
+
+    Raises:
+      ValueError: the kinds, the count or a shape do not fit, naming them.
+    """
+    if saved_labels is not None and len(saved_labels) != len(saved_values):
+        raise ValueError(f"Optimizer '{optimizer_name}': the Keras file has {len(saved_values)} "
+                         f"values but {len(saved_labels)} labels; it looks damaged.")
+    if saved_labels is not None and sorted(map(_kind, saved_labels)) != sorted(map(_kind, labels)):
+        raise ValueError(
+            f"Optimizer '{optimizer_name}': the Keras file holds {_describe(saved_labels)}; this "
+            f"optimizer has {_describe(labels)}. Load it into an optimizer with the same "
+            "use_ema, gradient accumulation, sparse_mode and skip_nonfinite settings, and the "
+            "same trainable variables. Nothing was loaded into the optimizer.")
+    if len(saved_values) != len(variables):
+        raise ValueError(
+            f"Optimizer '{optimizer_name}' has {len(variables)} variables ({_describe(labels)}); "
+            f"the Keras file holds {len(saved_values)}. Nothing was loaded into the optimizer.")
+    order = list(range(len(variables)))
+    if (saved_labels is not None and saved_labels != labels
+            and len(set(saved_labels)) == len(saved_labels) == len(set(labels))
+            and set(saved_labels) == set(labels)):
+        position = {label: i for i, label in enumerate(saved_labels)}
+        order = [position[label] for label in labels]
+    pairs = [(variable, saved_values[i]) for variable, i in zip(variables, order)]
+    for (variable, value), label, i in zip(pairs, labels, order):
+        if tuple(variable.shape) != tuple(np.shape(value)):
+            saved = f" ('{saved_labels[i]}')" if saved_labels is not None else ""
+            raise ValueError(
+                f"Optimizer '{optimizer_name}': '{label}' has shape {tuple(variable.shape)}, but "
+                f"its value in the Keras file (position {i}{saved}) has shape "
+                f"{tuple(np.shape(value))}. Nothing was loaded into the optimizer.")
+    return pairs
