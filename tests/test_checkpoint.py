@@ -375,8 +375,7 @@ def _optimizer_state(opt):
 
 @pytest.mark.parametrize("labels", [True, False])
 def test_keras_file_that_does_not_fit_raises_and_loads_nothing(tmp_path, labels):
-    """Keras loads the layers' weights first; the optimizer's state is all
-    loaded or (here) not at all."""
+    """The optimizer's state is all loaded or (here) not at all."""
     x, y = _fit_data()
     source = _compiled(use_ema=False, gradient_accumulation_steps=2)
     source.fit(x[:48], y[:48], batch_size=16, verbose=0, shuffle=False)  # mid-window
@@ -390,8 +389,8 @@ def test_keras_file_that_does_not_fit_raises_and_loads_nothing(tmp_path, labels)
     for target in targets:
         target.fit(x[:16], y[:16], batch_size=16, verbose=0)
         before = _optimizer_state(target.optimizer)
-        match = (r"holds step counter: 1, momenta: 5, gradient accumulators: 5; this optimizer "
-                 r"has step counter: 1, momenta: 5, (EMA averages: 5|skipped-step counter: 1)"
+        match = (r"holds gradient accumulators: 5, which this optimizer does not keep "
+                 r"\(use_ema=True, gradient_accumulation_steps=None"
                  if labels else "has 12 variables .*; the Keras file holds 11")
         with pytest.raises(ValueError, match=match + ".*Nothing was loaded into the optimizer"):
             target.load_weights(path)
@@ -416,15 +415,96 @@ def test_keras_file_state_by_position_checks_every_shape(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_keras_file_loaded_before_build_waits_for_all_variables(tmp_path):
-    model = _fine_tuned(str(tmp_path / "ft"))
+def test_keras_file_loaded_before_a_build_over_some_variables_is_dropped_with_a_warning(
+        tmp_path):
+    _fine_tuned(str(tmp_path / "ft"))
     restored = _compiled(seed=9)
     restored.load_weights(str(tmp_path / "ft.weights.h5"))
-    with pytest.raises(ValueError, match=r"this optimizer has step counter: 1, momenta: 1, "
-                                         r"EMA averages: 1.*before the optimizer built its slots"):
+    with pytest.warns(UserWarning, match=r"this optimizer has step counter: 1, momenta: 1, "
+                                         r"EMA averages: 1.*before the optimizer built its "
+                                         r"slots.*dropped and this optimizer starts fresh"):
         restored.optimizer.build(restored.trainable_variables[:1])
-    restored.optimizer.build(restored.trainable_variables)  # now it fits, and loads
-    _assert_states_equal(_fit_state(model), _fit_state(restored))
+    restored.optimizer.build(restored.trainable_variables)
+    assert int(restored.optimizer.iterations) == 0
+    assert not np.any(restored.optimizer.get_slot(restored.trainable_variables[0], "m").numpy())
+
+
+def test_keras_file_of_an_optimizer_that_never_stepped_loads(tmp_path, recwarn):
+    untrained = _compiled()
+    untrained.save(str(tmp_path / "untrained.keras"))
+    loaded = tf_keras.models.load_model(str(tmp_path / "untrained.keras"))
+    assert int(loaded.optimizer.iterations) == 0
+    assert not [w for w in recwarn if "Lion" in str(w.message)]
+    x, y = _fit_data()
+    loaded.fit(x[:16], y[:16], batch_size=16, verbose=0)
+    assert int(loaded.optimizer.iterations) == 1
+
+
+def test_keras_file_by_name_keeps_variables_the_file_has_no_state_for(tmp_path):
+    """A file whose steps updated only some variables (a frozen embedding):
+    their momenta load by name, the others keep theirs, with a warning."""
+    x, y = _fit_data()
+    model = _compiled(use_ema=False)
+    model.emb.trainable = False
+    model.compile(optimizer=model.optimizer, loss="mse")
+    model.fit(x[:32], y[:32], batch_size=16, verbose=0, shuffle=False)
+    path = str(tmp_path / "frozen.weights.h5")
+    model.save_weights(path)
+    model.emb.trainable = True
+    model.compile(optimizer=model.optimizer, loss="mse")
+    model.optimizer.build(model.trainable_variables)  # the embedding's slot: zeros
+    saved = {label: v.numpy() for label, v in model.optimizer._labelled_variables()}
+    model.fit(x[32:48], y[32:48], batch_size=16, verbose=0)  # now all variables step
+    with pytest.warns(UserWarning, match=r"holds no state for 1 of this optimizer's variables "
+                                         r"\(momenta: 1: \['m:net_\d+/embedding"):
+        model.load_weights(path)
+    emb_momentum = model.optimizer.get_slot(model.emb.embeddings, "m").numpy()
+    assert np.any(emb_momentum)  # kept from the last step, not zeroed
+    loaded = {label: v.numpy() for label, v in model.optimizer._labelled_variables()}
+    assert sorted(loaded) == sorted(saved)
+    for label, value in saved.items():
+        if "embedding" not in label:
+            np.testing.assert_array_equal(loaded[label], value, err_msg=label)
+
+
+def test_keras_state_waiting_for_build_is_saved_and_loses_to_a_later_checkpoint(tmp_path):
+    model = _fine_tuned(str(tmp_path / "ft"))
+    waiting = _compiled(seed=9)
+    waiting.load_weights(str(tmp_path / "ft.weights.h5"))
+    waiting.save_weights(str(tmp_path / "again.weights.h5"))  # the waiting values, as loaded
+    again = _compiled(seed=10)
+    again.load_weights(str(tmp_path / "again.weights.h5"))
+    again.optimizer.build(again.trainable_variables)
+    _assert_states_equal(_fit_state(model), _fit_state(again))
+
+    x, y = _fit_data()
+    model.fit(x[:16], y[:16], batch_size=16, verbose=0)  # a newer state, in a checkpoint
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+        str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(model=waiting, optimizer=waiting.optimizer).restore(path)
+    with pytest.warns(UserWarning, match="the checkpoint's state is kept"):
+        waiting.optimizer.build(waiting.trainable_variables)
+    _assert_states_equal(_fit_state(model), _fit_state(waiting))
+
+
+def test_keras_file_with_skip_mismatch_before_build_trains_fresh(tmp_path):
+    """`load_weights(skip_mismatch=True)` into a changed model: Keras skips the
+    layers that do not fit; the waiting optimizer state does not fit either
+    and is dropped with a warning at the first step, which then trains."""
+    x, y = _fit_data()
+    source = _compiled()
+    source.fit(x[:32], y[:32], batch_size=16, verbose=0)
+    path = str(tmp_path / "w.weights.h5")
+    source.save_weights(path)
+    tf_keras.utils.set_random_seed(1)
+    changed = Net()
+    changed.dense = tf_keras.layers.Dense(5)  # another shape
+    changed(tf.zeros([1, 5], tf.int32))
+    changed.compile(optimizer=_optimizer(), loss="mse")
+    changed.load_weights(path, skip_mismatch=True)
+    with pytest.warns(UserWarning, match="shape.*starts fresh"):
+        changed.fit(x[:16], y[:16], batch_size=16, verbose=0)
+    assert int(changed.optimizer.iterations) == 1
 
 
 def test_keras_file_without_optimizer_state_warns_and_changes_nothing(tmp_path):

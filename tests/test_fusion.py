@@ -496,7 +496,9 @@ def test_update_chains_order_large_updates_per_chain_and_device():
     ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "0\n"}, 64),
 ])
 def test_cores_are_the_affinity_capped_by_the_cgroup_quota(files, expected, tmp_path,
-                                                           monkeypatch):
+                                                           monkeypatch, request):
+    step_lib._cores.cache_clear()  # read once per process; here with a made-up affinity
+    request.addfinalizer(step_lib._cores.cache_clear)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     for name, text in files.items():
         path = tmp_path / name

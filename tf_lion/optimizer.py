@@ -290,7 +290,7 @@ class Lion(keras_optimizer.Optimizer):
         self._slots = self._no_dependency(slots_lib.SlotStore(self._var_key))
         self._sharded_slots = self._no_dependency({})
         self._deferred_sharded = self._no_dependency({})
-        self._pending_keras_state = None  # (labels, values) of a Keras file loaded before build
+        self._pending_keras_state = None  # (labels, values, step uid) of a Keras file, for build
         self._warned_unused_slots = self._no_dependency(set())
         # No Python control flow on tensors in tf_lion: AutoGraph has nothing
         # to convert, and skipping it makes tracing faster.
@@ -428,15 +428,7 @@ class Lion(keras_optimizer.Optimizer):
             self._restore_deferred_sharded()
         self._slots.follow_order([_unwrap(v) for v in var_list])
         if self._pending_keras_state is not None:
-            try:  # the values of a Keras file loaded before the slots existed
-                self._assign_keras_state(*self._pending_keras_state)
-                self._pending_keras_state = None
-            except ValueError as error:  # they stay pending: the next build raises again
-                raise ValueError(
-                    f"{error} The Keras file was loaded before the optimizer built its slots, "
-                    "which it does now for the variables of its first step; build them for all "
-                    "the model's trainable variables before loading "
-                    "(optimizer.build(model.trainable_variables)).") from None
+            self._assign_pending_keras_state()
         elif without_state:
             _warn_fresh_slots(self.name, without_state)
         self._built = True
@@ -588,19 +580,29 @@ class Lion(keras_optimizer.Optimizer):
 
     def save_own_variables(self, store):
         """Keras file formats: `variables` by position ("0", "1", ...), as
-        tf-keras stores them, and under "labels" what each position holds."""
-        state = self._labelled_variables()
-        for i, (_, variable) in enumerate(state):
-            store[str(i)] = variable.numpy()
-        store["labels"] = np.array([label.encode("utf-8") for label, _ in state])
+        tf-keras stores them, and under "labels" what each position holds.
+        Values loaded from a Keras file and still waiting for `build` are
+        written as they were loaded."""
+        if self._pending_keras_state is not None:
+            labels, values = self._pending_keras_state[:2]
+        else:
+            state = self._labelled_variables()
+            labels, values = [label for label, _ in state], [v.numpy() for _, v in state]
+        for i, value in enumerate(values):
+            store[str(i)] = value
+        if labels is not None:
+            store["labels"] = np.array([label.encode("utf-8") for label in labels])
 
     def load_own_variables(self, store):
         """Loads a Keras file's optimizer state; see `slots.match_keras_state`.
 
         Before the optimizer has built its slots (`load_weights` on a model
-        not trained yet), the values wait and are assigned when the slots are
-        built (the first step, or `build`). Nothing is skipped: a file that
-        does not fit raises `ValueError` saying what does not fit.
+        not trained yet), slot values wait and are assigned when the slots
+        are built (the first step, or `build`), unless a `tf.train.Checkpoint`
+        restores the step counter in between (the later restore wins). A file
+        that does not fit raises `ValueError` saying what does not fit; for
+        waiting values, the kinds of state are checked here and the rest at
+        `build`, which warns and drops them.
         """
         keys = [k for k in store.keys() if k.isdigit()]
         if not keys:  # a file saved without an optimizer: nothing to lose
@@ -611,17 +613,60 @@ class Lion(keras_optimizer.Optimizer):
         labels = None
         if "labels" in store.keys():
             labels = [bytes(b).decode("utf-8") for b in np.asarray(store["labels"]).tolist()]
-        if self._slots.owners() or len(values) == len(self._labelled_variables()):
+        self._pending_keras_state = None
+        if labels is not None:  # kinds of state this optimizer does not keep: would be lost
+            kept = {"iterations", *self._slot_names()} | (
+                {"skipped_steps"} if self.skip_nonfinite else set())
+            unkept = [label for label in labels if slots_lib.kind(label) not in kept]
+            if unkept:
+                raise ValueError(
+                    f"Optimizer '{self.name}': the Keras file holds {slots_lib.describe(unkept)}, "
+                    f"which this optimizer does not keep (use_ema={self.use_ema}, "
+                    f"gradient_accumulation_steps={self.gradient_accumulation_steps}, "
+                    f"sparse_mode={self.sparse_mode!r}, skip_nonfinite={self.skip_nonfinite}). "
+                    "Load it into an optimizer with the settings it was saved with. Nothing was "
+                    "loaded into the optimizer.")
+        if self._slots.owners() or len(values) <= len(self._labelled_variables()):
             self._assign_keras_state(labels, values)
-        else:
-            self._pending_keras_state = self._no_dependency((labels, values))
+        else:  # slot values, and no slots yet
+            step = self._iterations._update_uid  # pylint: disable=protected-access
+            self._pending_keras_state = self._no_dependency((labels, values, step))
 
     def _assign_keras_state(self, labels, values):
         state = self._labelled_variables()
-        pairs = slots_lib.match_keras_state(self.name, [label for label, _ in state],
-                                            [v for _, v in state], labels, values)
+        pairs, fresh = slots_lib.match_keras_state(
+            self.name, [label for label, _ in state], [v for _, v in state], labels, values)
         for variable, value in pairs:
             variable.assign(value)
+        if fresh and labels is not None and any(":" in label for label in labels):
+            warnings.warn(
+                f"Optimizer '{self.name}': the Keras file holds no state for "
+                f"{len(fresh)} of this optimizer's variables ({slots_lib.describe(fresh)}: "
+                f"{fresh[:3]}{' ...' if len(fresh) > 3 else ''}); they keep their values.",
+                stacklevel=3)
+
+    def _assign_pending_keras_state(self):
+        """At `build`: the values of a Keras file loaded before the slots existed."""
+        labels, values, step = self._pending_keras_state
+        self._pending_keras_state = None
+        if self._iterations._update_uid != step:  # pylint: disable=protected-access
+            warnings.warn(
+                f"Optimizer '{self.name}': a tf.train.Checkpoint restored this optimizer after "
+                "a Keras file was loaded into it; the checkpoint's state is kept and the Keras "
+                "file's optimizer state is dropped.", stacklevel=3)
+            return
+        try:
+            self._assign_keras_state(labels, values)
+        except ValueError as error:
+            # Not raised: Keras's `load_weights(skip_mismatch=True)` has returned
+            # long ago and cannot skip it, and a `fit` that failed here could
+            # not be run again. The layers' weights were checked at loading.
+            warnings.warn(
+                f"{error} The Keras file was loaded before the optimizer built its slots, "
+                "which it does now, for the variables of this first step: its optimizer state "
+                "is dropped and this optimizer starts fresh. To load it, build the slots for "
+                "all the model's trainable variables before loading "
+                "(model.optimizer.build(model.trainable_variables)).", stacklevel=3)
 
     def set_weights(self, weights):
         variables = self.variables

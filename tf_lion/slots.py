@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute import sharded_variable
 
-__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state"]
+__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state", "describe", "kind"]
 
 # Slots with one entry per row of their variable (not the variable's shape).
 ROW_SLOTS = ("touched",)
@@ -86,6 +86,7 @@ class SlotStore:
         self._owners = {}  # key -> the variable the slots belong to
         self._order = []  # keys in the order their first slot was created
         self._deferred = {}  # (key, slot name) -> [CheckpointPosition]
+        self._followed = None  # ids of the variables `follow_order` last followed
 
     def get(self, variable, slot_name):
         return self._slots.get(self._key_fn(variable), {}).get(slot_name)
@@ -106,6 +107,12 @@ class SlotStore:
         order again, not the order the layers were first trained in. A list
         that leaves out some variables (a step over a subset) changes nothing.
         """
+        if len(variables) < len(self._order):
+            return
+        ids = [id(v) for v in variables]
+        if ids == self._followed:  # the same list as the last step's: nothing to do
+            return
+        self._followed = ids
         keys = list(dict.fromkeys(self._key_fn(v) for v in variables))
         order = [k for k in keys if k in self._slots]
         if len(order) == len(self._order) and order != self._order:
@@ -202,61 +209,75 @@ _KINDS = {"m": "momenta", "average": "EMA averages", "accumulator": "gradient ac
           "skipped_steps": "skipped-step counter"}
 
 
-def _kind(label):
+def kind(label):
     return label.split(":", 1)[0]
 
 
-def _describe(labels):
+def describe(labels):
     counts = {}
     for label in labels:
-        counts[_kind(label)] = counts.get(_kind(label), 0) + 1
-    return ", ".join(f"{_KINDS.get(kind, kind)}: {n}" for kind, n in counts.items())
+        counts[kind(label)] = counts.get(kind(label), 0) + 1
+    return ", ".join(f"{_KINDS.get(name, name)}: {n}" for name, n in counts.items())
 
 
 def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_values):
     """Pairs the optimizer's variables with the values of a Keras file; checks all first.
 
     Keras files store optimizer state by list position. tf_lion also stores a
-    label per position (`"m:<variable name>"`, `"iterations"`, ...). With
-    labels, the kinds of state must agree (a file with accumulators does not
-    load into EMA averages); when the names are unique on both sides and the
-    same, values go to the variable of their name, whatever the order the
-    slots were built in (a fine-tuning run that unfroze layers builds them in
-    another order than `load_model`). Otherwise (other variable names, or a
-    file without labels) values go by position. Every count and shape is
-    checked before anything is assigned.
+    label per position (`"m:<variable name>"`, `"iterations"`, ...).
+
+    * By name, when the labels are unique on both sides and every label of
+      the file is one of this optimizer's: each value goes to the variable of
+      its name, whatever the order the slots were built in (a fine-tuning run
+      that unfroze layers builds them in another order than `load_model`).
+      Variables the file has no value for keep theirs (`fresh`): the file of
+      a model that never stepped, or of a `train_step` that updates only some
+      variables, or EMA newly turned on.
+    * Otherwise by position (other variable names, or a file without labels):
+      the kinds of state (with labels) and the counts must agree; a file
+      with accumulators does not load into EMA averages.
+
+    Every shape is checked before anything is assigned.
 
     Returns:
-      `[(variable, value)]` to assign.
+      `([(variable, value)], fresh)`: what to assign, and the labels of this
+      optimizer's variables the file holds no value for.
 
     Raises:
       ValueError: the kinds, the count or a shape do not fit, naming them.
     """
+    if saved_labels is None and len(saved_values) == 1:
+        saved_labels = ["iterations"]  # an optimizer that never built its slots
     if saved_labels is not None and len(saved_labels) != len(saved_values):
         raise ValueError(f"Optimizer '{optimizer_name}': the Keras file has {len(saved_values)} "
                          f"values but {len(saved_labels)} labels; it looks damaged.")
-    if saved_labels is not None and sorted(map(_kind, saved_labels)) != sorted(map(_kind, labels)):
-        raise ValueError(
-            f"Optimizer '{optimizer_name}': the Keras file holds {_describe(saved_labels)}; this "
-            f"optimizer has {_describe(labels)}. Load it into an optimizer with the same "
-            "use_ema, gradient accumulation, sparse_mode and skip_nonfinite settings, and the "
-            "same trainable variables. Nothing was loaded into the optimizer.")
-    if len(saved_values) != len(variables):
-        raise ValueError(
-            f"Optimizer '{optimizer_name}' has {len(variables)} variables ({_describe(labels)}); "
-            f"the Keras file holds {len(saved_values)}. Nothing was loaded into the optimizer.")
-    order = list(range(len(variables)))
-    if (saved_labels is not None and saved_labels != labels
-            and len(set(saved_labels)) == len(saved_labels) == len(set(labels))
-            and set(saved_labels) == set(labels)):
+    fresh = []
+    if (saved_labels is not None and len(set(saved_labels)) == len(saved_labels)
+            and len(set(labels)) == len(labels) and set(saved_labels) <= set(labels)):
         position = {label: i for i, label in enumerate(saved_labels)}
-        order = [position[label] for label in labels]
-    pairs = [(variable, saved_values[i]) for variable, i in zip(variables, order)]
-    for (variable, value), label, i in zip(pairs, labels, order):
-        if tuple(variable.shape) != tuple(np.shape(value)):
+        matched = [(label, variable, position[label])
+                   for label, variable in zip(labels, variables) if label in position]
+        fresh = [label for label in labels if label not in position]
+    else:
+        if (saved_labels is not None
+                and sorted(map(kind, saved_labels)) != sorted(map(kind, labels))):
+            raise ValueError(
+                f"Optimizer '{optimizer_name}': the Keras file holds {describe(saved_labels)}; "
+                f"this optimizer has {describe(labels)}. Load it into an optimizer with the "
+                "same use_ema, gradient accumulation, sparse_mode and skip_nonfinite settings, "
+                "and the same trainable variables. Nothing was loaded into the optimizer.")
+        if len(saved_values) != len(variables):
+            raise ValueError(
+                f"Optimizer '{optimizer_name}' has {len(variables)} variables "
+                f"({describe(labels)}); the Keras file holds {len(saved_values)}. Nothing was "
+                "loaded into the optimizer.")
+        matched = [(label, variable, i) for i, (label, variable) in enumerate(zip(labels,
+                                                                                  variables))]
+    for label, variable, i in matched:
+        if tuple(variable.shape) != tuple(np.shape(saved_values[i])):
             saved = f" ('{saved_labels[i]}')" if saved_labels is not None else ""
             raise ValueError(
                 f"Optimizer '{optimizer_name}': '{label}' has shape {tuple(variable.shape)}, but "
                 f"its value in the Keras file (position {i}{saved}) has shape "
-                f"{tuple(np.shape(value))}. Nothing was loaded into the optimizer.")
-    return pairs
+                f"{tuple(np.shape(saved_values[i]))}. Nothing was loaded into the optimizer.")
+    return [(variable, saved_values[i]) for _, variable, i in matched], fresh

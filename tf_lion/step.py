@@ -16,6 +16,7 @@ the variables of one device, as plain functions the optimizer hands to
 """
 
 import collections
+import functools
 import math
 import os
 import zlib
@@ -271,6 +272,7 @@ def packs(variables, grads, slots, decayed, seeds, options):
 CHAIN_MIN_ELEMENTS = 256
 
 
+@functools.lru_cache(maxsize=None)  # read once: `UpdateChains` is made every step
 def _cores(cgroup_root="/sys/fs/cgroup"):
     """The CPUs this process may use: its affinity, capped by a cgroup CPU quota.
 
