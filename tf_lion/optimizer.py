@@ -99,6 +99,19 @@ _TF_KERAS_MOMENTA = (
     "once with convert_tf_keras_lion_checkpoint).")
 
 
+def _assign_everywhere(variable, value):
+    """Assigns `value` to every local copy of `variable`.
+
+    The slot values of a Keras file can wait for the first step, whose
+    `build` runs in a replica's context: there, assigning a mirrored variable
+    would change that replica's copy only.
+    """
+    strategy = getattr(variable, "_distribute_strategy", None)
+    components = strategy.experimental_local_results(variable) if strategy else (variable,)
+    for component in components:
+        component.assign(value)
+
+
 _FRESH_SLOT = {
     "m": "momentum starts at zero",
     "average": "EMA average starts at the restored weights",
@@ -438,6 +451,12 @@ class Lion(keras_optimizer.Optimizer):
         # A checkpoint being written asks for the names, then for the slots of
         # every object in it, root first: the next `get_slot` call sees the root.
         self._checkpoint_root_probe = True
+        if self._pending_keras_state is not None:
+            warnings.warn(
+                f"Optimizer '{self.name}': the slot values of a Keras file loaded before the "
+                "optimizer built its slots are still waiting for them, and are NOT in this "
+                "checkpoint. Build the optimizer first "
+                "(model.optimizer.build(model.trainable_variables)).", stacklevel=2)
         return self._slot_names()
 
     def _slot_names(self):
@@ -596,13 +615,17 @@ class Lion(keras_optimizer.Optimizer):
     def load_own_variables(self, store):
         """Loads a Keras file's optimizer state; see `slots.match_keras_state`.
 
+        A file holding a kind of state this optimizer does not keep, or that
+        does not fit it, raises `ValueError` saying what does not fit, and the
+        optimizer's state (including values still waiting, see below) stays
+        as it was.
+
         Before the optimizer has built its slots (`load_weights` on a model
-        not trained yet), slot values wait and are assigned when the slots
-        are built (the first step, or `build`), unless a `tf.train.Checkpoint`
-        restores the step counter in between (the later restore wins). A file
-        that does not fit raises `ValueError` saying what does not fit; for
-        waiting values, the kinds of state are checked here and the rest at
-        `build`, which warns and drops them.
+        not trained yet), the step counters are assigned at once and the slot
+        values wait for the slots (the first step, or `build`), unless a
+        `tf.train.Checkpoint` restores the step counter in between (the later
+        restore wins). If they do not fit the variables of that build, it
+        warns, puts the counters back and drops them.
         """
         keys = [k for k in store.keys() if k.isdigit()]
         if not keys:  # a file saved without an optimizer: nothing to lose
@@ -613,12 +636,10 @@ class Lion(keras_optimizer.Optimizer):
         labels = None
         if "labels" in store.keys():
             labels = [bytes(b).decode("utf-8") for b in np.asarray(store["labels"]).tolist()]
-        self._pending_keras_state = None
-        if labels is not None:  # kinds of state this optimizer does not keep: would be lost
             kept = {"iterations", *self._slot_names()} | (
                 {"skipped_steps"} if self.skip_nonfinite else set())
             unkept = [label for label in labels if slots_lib.kind(label) not in kept]
-            if unkept:
+            if unkept:  # would be lost
                 raise ValueError(
                     f"Optimizer '{self.name}': the Keras file holds {slots_lib.describe(unkept)}, "
                     f"which this optimizer does not keep (use_ema={self.use_ema}, "
@@ -626,18 +647,34 @@ class Lion(keras_optimizer.Optimizer):
                     f"sparse_mode={self.sparse_mode!r}, skip_nonfinite={self.skip_nonfinite}). "
                     "Load it into an optimizer with the settings it was saved with. Nothing was "
                     "loaded into the optimizer.")
-        if self._slots.owners() or len(values) <= len(self._labelled_variables()):
+        holds_slots = (any(":" in label for label in labels) if labels is not None
+                       else len(values) > 1)
+        if self._slots.owners() or not holds_slots:
             self._assign_keras_state(labels, values)
-        else:  # slot values, and no slots yet
-            step = self._iterations._update_uid  # pylint: disable=protected-access
-            self._pending_keras_state = self._no_dependency((labels, values, step))
+            self._pending_keras_state = None
+            return
+        # Slot values, and no slots yet: the counters now, the slots at `build`.
+        counters = [(self._iterations, values[0])]
+        if labels is not None:
+            counters = [(self._iterations if label == "iterations" else self._skipped_steps,
+                         value) for label, value in zip(labels, values) if ":" not in label]
+        for variable, value in counters:
+            if np.shape(value) != ():
+                raise ValueError(f"Optimizer '{self.name}': '{variable.name}' is a scalar, but "
+                                 f"its value in the Keras file has shape {np.shape(value)}. "
+                                 "Nothing was loaded into the optimizer.")
+        before = [(variable, variable.numpy()) for variable, _ in counters]
+        for variable, value in counters:
+            _assign_everywhere(variable, value)
+        step = self._iterations._update_uid  # pylint: disable=protected-access
+        self._pending_keras_state = self._no_dependency((labels, values, step, before))
 
     def _assign_keras_state(self, labels, values):
         state = self._labelled_variables()
         pairs, fresh = slots_lib.match_keras_state(
             self.name, [label for label, _ in state], [v for _, v in state], labels, values)
         for variable, value in pairs:
-            variable.assign(value)
+            _assign_everywhere(variable, value)
         if fresh and labels is not None and any(":" in label for label in labels):
             warnings.warn(
                 f"Optimizer '{self.name}': the Keras file holds no state for "
@@ -646,8 +683,8 @@ class Lion(keras_optimizer.Optimizer):
                 stacklevel=3)
 
     def _assign_pending_keras_state(self):
-        """At `build`: the values of a Keras file loaded before the slots existed."""
-        labels, values, step = self._pending_keras_state
+        """At `build`: the slot values of a Keras file loaded before the slots existed."""
+        labels, values, step, before = self._pending_keras_state
         self._pending_keras_state = None
         if self._iterations._update_uid != step:  # pylint: disable=protected-access
             warnings.warn(
@@ -661,6 +698,8 @@ class Lion(keras_optimizer.Optimizer):
             # Not raised: Keras's `load_weights(skip_mismatch=True)` has returned
             # long ago and cannot skip it, and a `fit` that failed here could
             # not be run again. The layers' weights were checked at loading.
+            for variable, value in before:
+                _assign_everywhere(variable, value)
             warnings.warn(
                 f"{error} The Keras file was loaded before the optimizer built its slots, "
                 "which it does now, for the variables of this first step: its optimizer state "

@@ -213,6 +213,11 @@ def kind(label):
     return label.split(":", 1)[0]
 
 
+def _owners(labels):
+    """The variable names of slot labels (`"m:<name>"`)."""
+    return {label.split(":", 1)[1] for label in labels if ":" in label}
+
+
 def describe(labels):
     counts = {}
     for label in labels:
@@ -226,13 +231,15 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
     Keras files store optimizer state by list position. tf_lion also stores a
     label per position (`"m:<variable name>"`, `"iterations"`, ...).
 
-    * By name, when the labels are unique on both sides and every label of
-      the file is one of this optimizer's: each value goes to the variable of
-      its name, whatever the order the slots were built in (a fine-tuning run
-      that unfroze layers builds them in another order than `load_model`).
-      Variables the file has no value for keep theirs (`fresh`): the file of
-      a model that never stepped, or of a `train_step` that updates only some
-      variables, or EMA newly turned on.
+    * By name, when the labels are unique on both sides, every label of the
+      file is one of this optimizer's, and both hold slots for the same
+      variable names (or the file none: an optimizer that never stepped):
+      each value goes to the variable of its name, whatever the order the
+      slots were built in (a fine-tuning run that unfroze layers builds them
+      in another order than `load_model`). Slots the file has no value for
+      keep theirs (`fresh`): EMA newly turned on, say. Names are generated
+      per process (`dense_1`), so a file for other names, or for a subset
+      of them, is never matched by name: the names could be shifted.
     * Otherwise by position (other variable names, or a file without labels):
       the kinds of state (with labels) and the counts must agree; a file
       with accumulators does not load into EMA averages.
@@ -253,7 +260,8 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
                          f"values but {len(saved_labels)} labels; it looks damaged.")
     fresh = []
     if (saved_labels is not None and len(set(saved_labels)) == len(saved_labels)
-            and len(set(labels)) == len(labels) and set(saved_labels) <= set(labels)):
+            and len(set(labels)) == len(labels) and set(saved_labels) <= set(labels)
+            and _owners(saved_labels) in (_owners(labels), set())):
         position = {label: i for i, label in enumerate(saved_labels)}
         matched = [(label, variable, position[label])
                    for label, variable in zip(labels, variables) if label in position]
