@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 import tf_keras
+from tensorflow.python.distribute import ps_values
 from tensorflow.python.distribute import sharded_variable
 from tf_keras.src.optimizers import optimizer as keras_optimizer
 from tf_keras.src.optimizers import utils as optimizer_utils
@@ -109,6 +110,10 @@ def _assign_everywhere(variable, value):
     strategy = getattr(variable, "_distribute_strategy", None)
     components = strategy.experimental_local_results(variable) if strategy else (variable,)
     for component in components:
+        # A central-storage/parameter-server variable is one variable behind
+        # a wrapper that refuses assignments in a replica's context.
+        if isinstance(component, ps_values.AggregatingVariable):
+            component = component._v  # pylint: disable=protected-access
         component.assign(value)
 
 
@@ -451,12 +456,6 @@ class Lion(keras_optimizer.Optimizer):
         # A checkpoint being written asks for the names, then for the slots of
         # every object in it, root first: the next `get_slot` call sees the root.
         self._checkpoint_root_probe = True
-        if self._pending_keras_state is not None:
-            warnings.warn(
-                f"Optimizer '{self.name}': the slot values of a Keras file loaded before the "
-                "optimizer built its slots are still waiting for them, and are NOT in this "
-                "checkpoint. Build the optimizer first "
-                "(model.optimizer.build(model.trainable_variables)).", stacklevel=2)
         return self._slot_names()
 
     def _slot_names(self):
@@ -654,6 +653,18 @@ class Lion(keras_optimizer.Optimizer):
             self._pending_keras_state = None
             return
         # Slot values, and no slots yet: the counters now, the slots at `build`.
+        counters = self._counters(labels, values)
+        if self._pending_keras_state is not None:  # the counters as before the first file
+            before = self._pending_keras_state[3]
+        else:
+            before = [(variable, variable.numpy()) for variable, _ in counters]
+        for variable, value in counters:
+            _assign_everywhere(variable, value)
+        step = self._iterations._update_uid  # pylint: disable=protected-access
+        self._pending_keras_state = self._no_dependency((labels, values, step, before))
+
+    def _counters(self, labels, values):
+        """`[(variable, value)]` of the step counters in a Keras file's state."""
         counters = [(self._iterations, values[0])]
         if labels is not None:
             counters = [(self._iterations if label == "iterations" else self._skipped_steps,
@@ -663,16 +674,16 @@ class Lion(keras_optimizer.Optimizer):
                 raise ValueError(f"Optimizer '{self.name}': '{variable.name}' is a scalar, but "
                                  f"its value in the Keras file has shape {np.shape(value)}. "
                                  "Nothing was loaded into the optimizer.")
-        before = [(variable, variable.numpy()) for variable, _ in counters]
-        for variable, value in counters:
-            _assign_everywhere(variable, value)
-        step = self._iterations._update_uid  # pylint: disable=protected-access
-        self._pending_keras_state = self._no_dependency((labels, values, step, before))
+        return counters
 
     def _assign_keras_state(self, labels, values):
         state = self._labelled_variables()
-        pairs, fresh = slots_lib.match_keras_state(
-            self.name, [label for label, _ in state], [v for _, v in state], labels, values)
+        try:
+            pairs, fresh = slots_lib.match_keras_state(
+                self.name, [label for label, _ in state], [v for _, v in state], labels, values)
+        except slots_lib.PartialKerasState as partial:
+            pairs, fresh = self._counters(labels, values), []
+            warnings.warn(str(partial), stacklevel=3)
         for variable, value in pairs:
             _assign_everywhere(variable, value)
         if fresh and labels is not None and any(":" in label for label in labels):
@@ -692,8 +703,12 @@ class Lion(keras_optimizer.Optimizer):
                 "a Keras file was loaded into it; the checkpoint's state is kept and the Keras "
                 "file's optimizer state is dropped.", stacklevel=3)
             return
+        state = self._labelled_variables()
         try:
-            self._assign_keras_state(labels, values)
+            slots_lib.match_keras_state(self.name, [label for label, _ in state],
+                                        [v for _, v in state], labels, values)
+        except slots_lib.PartialKerasState:
+            pass  # `_assign_keras_state` warns and loads the counters
         except ValueError as error:
             # Not raised: Keras's `load_weights(skip_mismatch=True)` has returned
             # long ago and cannot skip it, and a `fit` that failed here could
@@ -706,6 +721,8 @@ class Lion(keras_optimizer.Optimizer):
                 "is dropped and this optimizer starts fresh. To load it, build the slots for "
                 "all the model's trainable variables before loading "
                 "(model.optimizer.build(model.trainable_variables)).", stacklevel=3)
+            return
+        self._assign_keras_state(labels, values)
 
     def set_weights(self, weights):
         variables = self.variables

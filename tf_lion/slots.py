@@ -23,7 +23,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute import sharded_variable
 
-__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state", "describe", "kind"]
+__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state", "describe", "kind",
+           "PartialKerasState"]
 
 # Slots with one entry per row of their variable (not the variable's shape).
 ROW_SLOTS = ("touched",)
@@ -225,6 +226,10 @@ def describe(labels):
     return ", ".join(f"{_KINDS.get(name, name)}: {n}" for name, n in counts.items())
 
 
+class PartialKerasState(ValueError):
+    """A Keras file whose slots are for a subset of the optimizer's variable names."""
+
+
 def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_values):
     """Pairs the optimizer's variables with the values of a Keras file; checks all first.
 
@@ -238,8 +243,9 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
       slots were built in (a fine-tuning run that unfroze layers builds them
       in another order than `load_model`). Slots the file has no value for
       keep theirs (`fresh`): EMA newly turned on, say. Names are generated
-      per process (`dense_1`), so a file for other names, or for a subset
-      of them, is never matched by name: the names could be shifted.
+      per process (`dense_1`), so a file for other names is never matched by
+      name, and a file with slots for a subset of the names (steps that left
+      a frozen layer out, or shifted names?) raises `PartialKerasState`.
     * Otherwise by position (other variable names, or a file without labels):
       the kinds of state (with labels) and the counts must agree; a file
       with accumulators does not load into EMA averages.
@@ -251,6 +257,7 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
       optimizer's variables the file holds no value for.
 
     Raises:
+      PartialKerasState: the file holds slots for a subset of the names.
       ValueError: the kinds, the count or a shape do not fit, naming them.
     """
     if saved_labels is None and len(saved_values) == 1:
@@ -266,6 +273,17 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
         matched = [(label, variable, position[label])
                    for label, variable in zip(labels, variables) if label in position]
         fresh = [label for label in labels if label not in position]
+    elif (saved_labels is not None and len(set(saved_labels)) == len(saved_labels)
+          and _owners(saved_labels) < _owners(labels)):
+        missing = sorted(_owners(labels) - _owners(saved_labels))
+        raise PartialKerasState(
+            f"Optimizer '{optimizer_name}': the Keras file holds slots for "
+            f"{len(_owners(saved_labels))} of the {len(_owners(labels))} variable names this "
+            f"optimizer has slots for (none for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+            "): saved by steps that left those variables out, or by a model whose variable names "
+            "are shifted (names are generated per process). Which is which cannot be told, so "
+            "the slot values are NOT loaded (the step counters are); to keep them, save and "
+            "restore with tf.train.Checkpoint, which keys slots to the variables themselves.")
     else:
         if (saved_labels is not None
                 and sorted(map(kind, saved_labels)) != sorted(map(kind, labels))):
