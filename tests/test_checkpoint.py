@@ -576,6 +576,55 @@ def test_two_waiting_keras_files_that_do_not_fit_put_back_the_first_counters(tmp
     assert int(restored.optimizer.iterations) == 0  # as before the first file
 
 
+class _Var:
+    def __init__(self, shape):
+        self.shape = tf.TensorShape(shape)
+
+
+def test_match_keras_state_by_name_by_position_or_counters_only():
+    match = tf_lion.slots.match_keras_state
+    a, b, c, step = _Var([2]), _Var([3]), _Var([2]), _Var([])
+    values = {"iterations": np.int64(5), "m:a": np.zeros(2), "m:b": np.ones(3), "m:c": np.full(2, 2.)}
+
+    def assigned(labels, variables, saved):
+        pairs, fresh = match("opt", labels, variables, saved, [values[k] for k in saved])
+        return [(variables.index(v), float(np.sum(x))) for v, x in pairs], fresh
+
+    # The same names in another order: by name.
+    assert assigned(["iterations", "m:b", "m:a"], [step, b, a],
+                    ["iterations", "m:a", "m:b"]) == ([(0, 5.0), (1, 3.0), (2, 0.0)], [])
+    # Other names: by position (here shapes fit).
+    assert assigned(["iterations", "m:x", "m:y"], [step, a, b],
+                    ["iterations", "m:a", "m:b"]) == ([(0, 5.0), (1, 0.0), (2, 3.0)], [])
+    # A file of an optimizer that never stepped, even into repeated names: the counter only.
+    assert assigned(["iterations", "m:w", "m:w"], [step, a, c], ["iterations"]) == (
+        [(0, 5.0)], ["m:w", "m:w"])
+    # Slots for a subset of the names (shifted names look the same): not guessed.
+    with pytest.raises(tf_lion.slots.PartialKerasState, match="2 of the 3 variable names"):
+        assigned(["iterations", "m:a", "m:b", "m:c"], [step, a, b, c],
+                 ["iterations", "m:b", "m:c"])
+    # By position, every shape is checked.
+    with pytest.raises(ValueError, match="'m:y' has shape \\(3,\\).*position 2"):
+        assigned(["iterations", "m:x", "m:y"], [step, b, b], ["iterations", "m:b", "m:c"])
+
+
+def test_waiting_keras_file_dropped_after_a_checkpoint_keeps_the_checkpoints_counter(tmp_path):
+    model = _fine_tuned(str(tmp_path / "ft"))  # iterations 4
+    x, y = _fit_data()
+    model.fit(x[:64], y[:64], batch_size=16, verbose=0)  # iterations 8
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+        str(tmp_path / "ckpt"))
+    restored = _compiled(seed=9)
+    restored.load_weights(str(tmp_path / "ft.weights.h5"))  # waits
+    tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(path)
+    assert int(restored.optimizer.iterations) == 8
+    restored.load_weights(str(tmp_path / "ft.weights.h5"))  # waits again, after the restore
+    assert int(restored.optimizer.iterations) == 4
+    with pytest.warns(UserWarning, match="starts fresh"):
+        restored.optimizer.build(restored.trainable_variables[:1])
+    assert int(restored.optimizer.iterations) == 8  # the checkpoint's, from before this file
+
+
 def test_keras_file_without_optimizer_state_warns_and_changes_nothing(tmp_path):
     path = str(tmp_path / "model_only.weights.h5")
     _model().save_weights(path)  # not compiled: no optimizer in the file

@@ -654,8 +654,11 @@ class Lion(keras_optimizer.Optimizer):
             return
         # Slot values, and no slots yet: the counters now, the slots at `build`.
         counters = self._counters(labels, values)
-        if self._pending_keras_state is not None:  # the counters as before the first file
-            before = self._pending_keras_state[3]
+        pending = self._pending_keras_state
+        # The counters as before the first waiting file, unless a checkpoint
+        # has restored them since.
+        if pending is not None and self._iterations._update_uid == pending[2]:  # pylint: disable=protected-access
+            before = pending[3]
         else:
             before = [(variable, variable.numpy()) for variable, _ in counters]
         for variable, value in counters:

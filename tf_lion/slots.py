@@ -266,19 +266,21 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
         raise ValueError(f"Optimizer '{optimizer_name}': the Keras file has {len(saved_values)} "
                          f"values but {len(saved_labels)} labels; it looks damaged.")
     fresh = []
+    saved_owners = _owners(saved_labels or [])
     if (saved_labels is not None and len(set(saved_labels)) == len(saved_labels)
-            and len(set(labels)) == len(labels) and set(saved_labels) <= set(labels)
-            and _owners(saved_labels) in (_owners(labels), set())):
+            and set(saved_labels) <= set(labels)
+            and (not saved_owners  # no slots: the step counters only
+                 or (len(set(labels)) == len(labels) and saved_owners == _owners(labels)))):
         position = {label: i for i, label in enumerate(saved_labels)}
         matched = [(label, variable, position[label])
                    for label, variable in zip(labels, variables) if label in position]
         fresh = [label for label in labels if label not in position]
     elif (saved_labels is not None and len(set(saved_labels)) == len(saved_labels)
-          and _owners(saved_labels) < _owners(labels)):
-        missing = sorted(_owners(labels) - _owners(saved_labels))
+          and saved_owners and saved_owners < _owners(labels)):
+        missing = sorted(_owners(labels) - saved_owners)
         raise PartialKerasState(
             f"Optimizer '{optimizer_name}': the Keras file holds slots for "
-            f"{len(_owners(saved_labels))} of the {len(_owners(labels))} variable names this "
+            f"{len(saved_owners)} of the {len(_owners(labels))} variable names this "
             f"optimizer has slots for (none for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
             "): saved by steps that left those variables out, or by a model whose variable names "
             "are shifted (names are generated per process). Which is which cannot be told, so "
