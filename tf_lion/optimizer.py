@@ -679,14 +679,21 @@ class Lion(keras_optimizer.Optimizer):
                                  "Nothing was loaded into the optimizer.")
         return counters
 
-    def _assign_keras_state(self, labels, values):
+    def _match_keras_state(self, labels, values):
+        """`(pairs, fresh, partial)`: `slots.match_keras_state`, or for a file
+        with slots for a subset of the names the counters and the warning."""
         state = self._labelled_variables()
         try:
             pairs, fresh = slots_lib.match_keras_state(
                 self.name, [label for label, _ in state], [v for _, v in state], labels, values)
+            return pairs, fresh, None
         except slots_lib.PartialKerasState as partial:
-            pairs, fresh = self._counters(labels, values), []
-            warnings.warn(str(partial), stacklevel=3)
+            return self._counters(labels, values), [], str(partial)
+
+    def _assign_keras_state(self, labels, values, matched=None):
+        pairs, fresh, partial = matched or self._match_keras_state(labels, values)
+        if partial:
+            warnings.warn(partial, stacklevel=3)
         for variable, value in pairs:
             _assign_everywhere(variable, value)
         if fresh and labels is not None and any(":" in label for label in labels):
@@ -706,12 +713,8 @@ class Lion(keras_optimizer.Optimizer):
                 "a Keras file was loaded into it; the checkpoint's state is kept and the Keras "
                 "file's optimizer state is dropped.", stacklevel=3)
             return
-        state = self._labelled_variables()
         try:
-            slots_lib.match_keras_state(self.name, [label for label, _ in state],
-                                        [v for _, v in state], labels, values)
-        except slots_lib.PartialKerasState:
-            pass  # `_assign_keras_state` warns and loads the counters
+            matched = self._match_keras_state(labels, values)
         except ValueError as error:
             # Not raised: Keras's `load_weights(skip_mismatch=True)` has returned
             # long ago and cannot skip it, and a `fit` that failed here could
@@ -725,7 +728,7 @@ class Lion(keras_optimizer.Optimizer):
                 "all the model's trainable variables before loading "
                 "(model.optimizer.build(model.trainable_variables)).", stacklevel=3)
             return
-        self._assign_keras_state(labels, values)
+        self._assign_keras_state(labels, values, matched)
 
     def set_weights(self, weights):
         variables = self.variables
