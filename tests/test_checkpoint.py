@@ -625,6 +625,21 @@ def test_waiting_keras_file_dropped_after_a_checkpoint_keeps_the_checkpoints_cou
     assert int(restored.optimizer.iterations) == 8  # the checkpoint's, from before this file
 
 
+def test_set_weights_checks_count_and_shapes_by_position():
+    """`set_weights` (the legacy `.h5` path) is positional, without labels."""
+    v = tf.Variable(tf.ones([3]), name="v")
+    opt = tf_lion.Lion(jit_compile=False)
+    opt.build([v])
+    opt.set_weights([np.int64(7), np.full(3, 0.5, np.float32)])
+    assert int(opt.iterations) == 7
+    np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), np.full(3, 0.5, np.float32))
+    with pytest.raises(ValueError, match="has 2 variables, got 1 weights"):
+        opt.set_weights([np.int64(1)])
+    with pytest.raises(ValueError, match="has shape \\(3,\\), the weight has shape \\(2,\\)"):
+        opt.set_weights([np.int64(1), np.zeros(2, np.float32)])
+    assert int(opt.iterations) == 7  # nothing was assigned
+
+
 def test_keras_file_without_optimizer_state_warns_and_changes_nothing(tmp_path):
     path = str(tmp_path / "model_only.weights.h5")
     _model().save_weights(path)  # not compiled: no optimizer in the file

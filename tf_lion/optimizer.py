@@ -736,12 +736,13 @@ class Lion(keras_optimizer.Optimizer):
             raise ValueError(
                 f"Optimizer '{self.name}' has {len(variables)} variables, got {len(weights)} weights."
             )
-        for variable, weight in zip(variables, weights):
+        for variable, weight in zip(variables, weights):  # every shape before any assignment
             if tuple(variable.shape) != tuple(np.shape(weight)):
                 raise ValueError(
                     f"Optimizer variable '{variable.name}' has shape {variable.shape}, "
                     f"the weight has shape {np.shape(weight)}."
                 )
+        for variable, weight in zip(variables, weights):
             variable.assign(weight)
 
     # ------------------------------------------------------------------ #

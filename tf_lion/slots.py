@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute import sharded_variable
 
-__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state", "describe", "kind",
-           "PartialKerasState"]
+__all__ = ["SlotStore", "check_slot_shape", "slot_shape", "ROW_SLOTS", "match_keras_state",
+           "describe", "kind", "PartialKerasState"]
 
 # Slots with one entry per row of their variable (not the variable's shape).
 ROW_SLOTS = ("touched",)
