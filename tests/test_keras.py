@@ -1,5 +1,10 @@
 """The Keras contract: configs, serialization, .keras files and model.fit."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -92,3 +97,117 @@ def test_keras_file_keeps_optimizer_state_and_resumes_identically(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     for v in model.trainable_variables:
         assert np.any(model.optimizer.get_slot(v, "m").numpy() != 0)
+
+
+# --------------------------------------------------------------------------- #
+# loss_scale_factor in fit and minimize
+# --------------------------------------------------------------------------- #
+def test_fit_with_loss_scale_factor_equals_fit_without():
+    """`fit` calls `minimize`, which scales the loss under its tape (a power of
+    two: scaling and unscaling are exact, so the weights are the same bits)."""
+    x, y = _data()
+    weights = []
+    for factor in (None, 1024.0):
+        model = _model()
+        model.compile(optimizer=tf_lion.Lion(3e-3, weight_decay=0.01, clipvalue=0.01,
+                                             loss_scale_factor=factor), loss="mse")
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+        weights.append([w.numpy() for w in model.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("form", ["callable", "tape"])
+def test_minimize_with_loss_scale_factor_equals_minimize_without(form):
+    results = []
+    for factor in (None, 1024.0):
+        var = tf.Variable([1.0, -2.0, 0.5], dtype=tf.float16)
+        opt = tf_lion.Lion(0.01, beta_1=0.0, loss_scale_factor=factor)
+        # float16 gradients of 1e-5: divided by 1024 without scaling, they underflow to 0.
+        loss = lambda: tf.reduce_sum(var * tf.constant([1e-5, -1e-5, 1e-5], tf.float16))  # noqa: E731
+        if form == "callable":
+            opt.minimize(loss, [var])
+        else:
+            with tf.GradientTape() as tape:
+                value = loss()
+            opt.minimize(value, [var], tape=tape)
+        results.append(var.numpy())
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[0], np.array([0.99, -1.99, 0.49], np.float16))
+
+
+# --------------------------------------------------------------------------- #
+# SavedModel
+# --------------------------------------------------------------------------- #
+def _trained_model(x, y, **optimizer_args):
+    model = _model()
+    model.compile(optimizer=tf_lion.Lion(1e-3, sparse_mode="lazy", **optimizer_args),
+                  loss="mse")
+    model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0, shuffle=False)
+    return model
+
+
+def test_saved_model_of_a_trained_model_loads_everywhere(tmp_path):
+    """A SavedModel lists no slot variables for its loader (which would need
+    `add_slot`); its checkpoint keeps them, keyed as in tf.train.Checkpoint."""
+    x, y = _data()
+    model = _trained_model(x, y, use_ema=True)
+    expected = model(x[:4]).numpy()
+    path = str(tmp_path / "saved")
+    tf.saved_model.save(model, path)
+
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_array_equal(loaded(x[:4]).numpy(), expected)
+    assert isinstance(loaded.optimizer, tf_lion.keras_compat.RestoredLion)
+    by_name = {(v.name, n): s.numpy() for v, n, s in loaded.optimizer.slots}
+    assert len(by_name) == 2 * len(model.trainable_variables)
+    for var in model.trainable_variables:
+        for slot in ("m", "average"):
+            np.testing.assert_array_equal(by_name[(var.name, slot)],
+                                          model.optimizer.get_slot(var, slot).numpy())
+
+    keras_path = str(tmp_path / "keras_saved")
+    model.save(keras_path, save_format="tf")
+    reloaded = tf_keras.models.load_model(keras_path)
+    assert isinstance(reloaded.optimizer, tf_lion.Lion)
+    np.testing.assert_array_equal(reloaded(x[:4]).numpy(), expected)
+
+    # Where tf_lion is not installed (plain TensorFlow, a serving job).
+    code = ("import sys, numpy as np, tensorflow as tf\n"
+            f"m = tf.saved_model.load({path!r})\n"
+            f"print(m(np.asarray({x[:4].tolist()!r}, np.int32)).numpy().tolist())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    served = np.asarray(json.loads(out.stdout.strip().splitlines()[-1]), np.float32)
+    np.testing.assert_array_equal(served, expected)
+
+    # Training resumes from the SavedModel's checkpoint with the momenta keyed.
+    fresh = _model(seed=5)
+    fresh.compile(optimizer=tf_lion.Lion(1e-3, sparse_mode="lazy", use_ema=True), loss="mse")
+    tf.train.Checkpoint(root=fresh).read(
+        str(tmp_path / "saved" / "variables" / "variables")).expect_partial()
+    fresh.optimizer.build(fresh.trainable_variables)
+    for var, fresh_var in zip(model.trainable_variables, fresh.trainable_variables):
+        np.testing.assert_array_equal(fresh_var.numpy(), var.numpy())
+        np.testing.assert_array_equal(fresh.optimizer.get_slot(fresh_var, "m").numpy(),
+                                      model.optimizer.get_slot(var, "m").numpy())
+    assert int(fresh.optimizer.iterations) == 2
+
+
+def test_saved_model_with_loss_scale_optimizer_loads(tmp_path):
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x, y = _data()
+        model = _model()
+        model.compile(optimizer=tf_lion.Lion(1e-3), loss="mse")
+        model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+        path = str(tmp_path / "saved")
+        model.save(path, save_format="tf")
+        loaded = tf.saved_model.load(path)
+        assert isinstance(loaded.optimizer, tf_lion.keras_compat.RestoredLion)
+        assert len(loaded.optimizer.slots) == len(model.trainable_variables)
+        reloaded = tf_keras.models.load_model(path)
+        np.testing.assert_array_equal(reloaded(x[:4]).numpy(), model(x[:4]).numpy())
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")

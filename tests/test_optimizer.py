@@ -267,3 +267,63 @@ def test_embedding_gradient_is_sparse_and_applied(rng):
     opt.apply_gradients([(grad, layer.embeddings)])
     changed = np.where(np.any(layer.embeddings.numpy() != before, axis=1))[0]
     np.testing.assert_array_equal(changed, [1, 2, 3, 7])
+
+
+# --------------------------------------------------------------------------- #
+# Inputs of other types
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_numpy_scalar_arguments_act_like_python_numbers(rng, jit_compile):
+    """NumPy scalars (from a config, `np.linspace`, ...) are Python numbers to the step."""
+    theta = _random(rng, (3, 5))
+    grads = [[_random(rng, (3, 5))] for _ in range(4)]
+    plain = tf_lion.Lion(0.01, beta_2=0.99, weight_decay=0.1, gradient_accumulation_steps=2,
+                         loss_scale_factor=4.0, seed=3, jit_compile=jit_compile)
+    numpy_args = tf_lion.Lion(0.01, beta_2=np.float32(0.99), weight_decay=0.1,
+                              gradient_accumulation_steps=np.int64(2),
+                              loss_scale_factor=np.float64(4.0), seed=np.int32(3),
+                              jit_compile=jit_compile)
+    for opt in (plain, numpy_args):
+        opt.vars_ = _run(opt, [theta], grads)
+    np.testing.assert_array_equal(numpy_args.vars_[0].numpy(), plain.vars_[0].numpy())
+    assert not np.array_equal(plain.vars_[0].numpy(), theta)
+    assert numpy_args._momentum_first is True
+    config = numpy_args.get_config()
+    for key in ("beta_2", "gradient_accumulation_steps", "loss_scale_factor", "seed"):
+        assert type(config[key]) in (int, float), (key, type(config[key]))
+
+
+def test_numpy_and_list_gradients_are_converted():
+    """As in tf-keras: a NumPy array or a list is a dense gradient."""
+    expected = tf.Variable([1.0, 2.0])
+    tf_lion.Lion(0.1).apply_gradients([(tf.constant([1.0, -1.0]), expected)])
+    for grad in (np.array([1.0, -1.0], np.float32), [1.0, -1.0]):
+        var = tf.Variable([1.0, 2.0])
+        tf_lion.Lion(0.1).apply_gradients([(grad, var)])
+        np.testing.assert_array_equal(var.numpy(), expected.numpy())
+    with pytest.raises(TypeError, match="float64"):  # a float64 array is not silently cast
+        tf_lion.Lion(0.1).apply_gradients([(np.array([1.0, -1.0]), tf.Variable([1.0, 2.0]))])
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("beta_2", [1e-10, 1e-4, 0.3])
+def test_small_beta_2_keeps_the_textbook_direction(jit_compile, beta_2):
+    """Below MOMENTUM_FIRST_MIN_BETA_2 the rebuilt direction would lose precision
+    (at beta_2 = 1e-10 it cancels to zero); the textbook order is used instead."""
+    opt = tf_lion.Lion(0.1, beta_2=beta_2, jit_compile=jit_compile)
+    assert not opt._momentum_first
+    theta = np.array([0.0, 0.0, 0.0, 1.0], np.float32)
+    m0 = np.array([0.0, 0.0, 0.0, 0.0], np.float32)
+    steps = [np.array([1.0, -3.0, 0.5, 2.0], np.float32),
+             np.array([-0.25, 1.0, 0.75, -0.5], np.float32)]
+    var = tf.Variable(theta)
+    for g in steps:
+        opt.apply_gradients([(tf.constant(g), var)])
+    expected, m = theta, m0
+    for g in steps:
+        expected, m, c = ref.step(expected, m, g, 0.1, 0.9, beta_2)
+        assert np.all(np.abs(c) > 1e-3)  # no sign near zero: the result is exact
+    # theta - lr * sign(c) without weight decay: lr * (+-1) is exact, so a fused
+    # multiply-add (XLA) rounds the same as the reference.
+    np.testing.assert_array_equal(var.numpy(), expected)
+    assert tf_lion.Lion(beta_2=0.5)._momentum_first and tf_lion.Lion(beta_2=0.99)._momentum_first

@@ -13,6 +13,7 @@ import tensorflow as tf
 import tf_keras
 from tensorflow.python.distribute import ps_values
 from tensorflow.python.distribute import sharded_variable
+from tensorflow.python.saved_model import save_context
 from tf_keras.src.optimizers import optimizer as keras_optimizer
 from tf_keras.src.optimizers import utils as optimizer_utils
 from tf_keras.src.optimizers.schedules import learning_rate_schedule
@@ -60,6 +61,11 @@ def _check_hyperparameter(name, value, low, high=None):
     upper = "" if high is None else f" and <= {high}"
     if not (number >= low and (high is None or number <= high)):
         raise ValueError(f"`{name}` must be >= {low}{upper}. Received: {name}={value!r}")
+
+
+def _python_number(value):
+    """A NumPy scalar as the Python number it holds; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _as_momentum_dtype(momentum_dtype):
@@ -137,6 +143,13 @@ def _warn_fresh_slots(optimizer_name, without_state):
         "gradient accumulation settings).",
         stacklevel=3,
     )
+
+
+def _as_gradient(grad):
+    """A gradient given as a NumPy array or a (nested) list, as a tensor."""
+    if grad is None or isinstance(grad, tf.IndexedSlices) or tf.is_tensor(grad):
+        return grad
+    return tf.convert_to_tensor(grad)
 
 
 def _check_gradient(grad, variable):
@@ -298,8 +311,10 @@ class Lion(keras_optimizer.Optimizer):
         # tf-keras turns XLA off unless a GPU is visible; we honour the flag.
         self.jit_compile = bool(jit_compile)
         self._learning_rate = self._build_learning_rate(learning_rate)
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
+        # NumPy scalars become Python numbers: the step treats fixed numbers
+        # as Python constants (`_momentum_first`, the accumulation count).
+        self.beta_1 = _python_number(beta_1)
+        self.beta_2 = _python_number(beta_2)
         self.sparse_mode = sparse_mode
         # The strategy this optimizer's state belongs to: the one it was created
         # under, or, if created outside any scope, the first it applies under.
@@ -314,11 +329,11 @@ class Lion(keras_optimizer.Optimizer):
         # to convert, and skipping it makes tracing faster.
         self._compiled_step = self._no_dependency(tf.function(
             step_lib.device_step, jit_compile=True, reduce_retracing=True, autograph=False))
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.loss_scale_factor = loss_scale_factor
+        self.gradient_accumulation_steps = _python_number(gradient_accumulation_steps)
+        self.loss_scale_factor = _python_number(loss_scale_factor)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.stochastic_rounding = bool(stochastic_rounding)
-        self.seed = seed
+        self.seed = _python_number(seed)
         if self.skip_nonfinite:
             self._skipped_steps = tf.Variable(
                 0, name="skipped_steps", dtype=tf.int64, trainable=False,
@@ -333,15 +348,16 @@ class Lion(keras_optimizer.Optimizer):
 
     @property
     def _momentum_first(self):
-        """Use `lion_step`'s in-place formulation: when beta_2 is a fixed number > 0.
+        """Use `lion_step`'s in-place formulation: when beta_2 is a fixed number >= 0.5.
 
         XLA (TPU, GPU, `jit_compile`) then updates the momentum in place
-        instead of copying it every step. A beta_2 that may change or be 0
-        (a tensor, variable or callable) keeps the textbook order.
+        instead of copying it every step. A beta_2 that may change (a tensor,
+        variable or callable) or is below `update.MOMENTUM_FIRST_MIN_BETA_2`
+        (where the rebuilt direction loses precision) keeps the textbook order.
         """
         beta_2 = self.beta_2
-        return (isinstance(beta_2, numbers.Real) and not isinstance(beta_2, bool)
-                and beta_2 > 0)
+        return bool(isinstance(beta_2, numbers.Real) and not isinstance(beta_2, bool)
+                    and beta_2 >= update_lib.MOMENTUM_FIRST_MIN_BETA_2)
 
     @property
     def _accumulating(self):
@@ -352,6 +368,24 @@ class Lion(keras_optimizer.Optimizer):
         if self.loss_scale_factor is None:
             return loss
         return loss * tf.cast(self.loss_scale_factor, loss.dtype)
+
+    def compute_gradients(self, loss, var_list, tape=None):
+        """tf-keras's `compute_gradients`, of `scale_loss(loss)`.
+
+        `apply_gradients` divides every gradient by `loss_scale_factor`, so
+        the gradients it is given must be those of the scaled loss. Custom
+        loops call `scale_loss` under their tape; `minimize` and Keras's
+        `fit` (which calls `minimize`) come here, and the loss is scaled under
+        the tape that computed it. Pass them the loss itself.
+        """
+        if self.loss_scale_factor is not None:
+            if callable(loss):
+                unscaled = loss
+                loss = lambda: self.scale_loss(unscaled())  # noqa: E731
+            elif tape is not None:
+                with tape:
+                    loss = self.scale_loss(loss)
+        return super().compute_gradients(loss, var_list, tape)
 
     # ------------------------------------------------------------------ #
     # Hyperparameters
@@ -452,7 +486,17 @@ class Lion(keras_optimizer.Optimizer):
         self._built = True
 
     def get_slot_names(self):
-        """Slot names, for the checkpoint slot-variable protocol."""
+        """Slot names, for the checkpoint slot-variable protocol.
+
+        None while a SavedModel's object graph is built: a SavedModel that
+        lists slot variables can only be loaded by an object with `add_slot`,
+        which neither `tf.saved_model.load`'s revived objects nor tf-keras's
+        `load_model` have. The SavedModel's variables checkpoint is written
+        after that (outside the save context) and keeps every slot keyed to
+        its variable, like `tf.train.Checkpoint`.
+        """
+        if save_context.in_save_context():
+            return []
         # A checkpoint being written asks for the names, then for the slots of
         # every object in it, root first: the next `get_slot` call sees the root.
         self._checkpoint_root_probe = True
@@ -763,7 +807,7 @@ class Lion(keras_optimizer.Optimizer):
         aggregate = kwargs.pop("experimental_aggregate_gradients", True)
         if kwargs:
             raise TypeError(f"Unexpected arguments to apply_gradients: {sorted(kwargs)}")
-        grads_and_vars = list(grads_and_vars)
+        grads_and_vars = [(_as_gradient(g), v) for g, v in grads_and_vars]
         if not grads_and_vars:
             return self._iterations
         for grad, var in grads_and_vars:
@@ -951,3 +995,6 @@ class Lion(keras_optimizer.Optimizer):
             seed=self.seed,
         )
         return config
+
+
+keras_compat.register_saved_model_type(Lion)  # a SavedModel of a trained model loads

@@ -41,6 +41,7 @@ __all__ = [
     "compute_dtype",
     "lion_step",
     "lion_direction",
+    "MOMENTUM_FIRST_MIN_BETA_2",
     "moving_average",
     "add_scaled",
     "dense_update",
@@ -91,6 +92,15 @@ def moving_average(average, value, decay, add_scaled=add_scaled):
     return add_scaled(decay * average, 1.0 - decay, value)
 
 
+# `lion_direction(momentum_first=True)` computes `c' = beta_2 * c` as
+# `beta_1 * m' + (beta_2 - beta_1) * g`: terms about as large as those of the
+# textbook `c`, whose sum is beta_2 times smaller. Its rounding error relative
+# to `c'` therefore grows like 1 / beta_2 (at beta_2 = 1e-10 the sum cancels
+# to zero in float32). The optimizer uses it only for beta_2 >= this bound,
+# where the error stays within about twice the textbook form's.
+MOMENTUM_FIRST_MIN_BETA_2 = 0.5
+
+
 def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_first=False,
                    add_scaled=add_scaled):
     """Lion's update direction and new momentum; returns `(direction, new_m)`.
@@ -109,7 +119,8 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
       beta_1, beta_2: scalars in the dtype of `theta`.
       weight_decay: scalar or `None` (no decay term at all).
       momentum_first: compute the new momentum first and the direction from
-        it (requires `beta_2 > 0`; see below).
+        it (requires `beta_2 > 0`, precise for `beta_2 >=
+        MOMENTUM_FIRST_MIN_BETA_2`; see below).
       add_scaled: computes each `x + a * y` (see `add_scaled`).
 
     With `momentum_first=True` the direction is rebuilt from the new momentum:
