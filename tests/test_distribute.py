@@ -17,6 +17,7 @@ import tensorflow as tf
 import tf_keras
 
 import exact_problem as ep
+import numpy_lion as ref
 import tf_lion
 from conftest import fresh_collective_keys
 from tf_lion import distribute as distribute_lib
@@ -370,3 +371,41 @@ def test_optimizer_created_outside_scope_binds_to_first_strategy():
         lambda: opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])))()
     for copy in var.values:
         np.testing.assert_array_equal(copy.numpy(), [0.5, -0.5])  # summed gradient [2, -2]
+
+
+@pytest.mark.parametrize("shared", ["indices", "values", "dense"])
+@pytest.mark.parametrize("jit_compile", [True, False])
+@pytest.mark.parametrize("name", ["mirrored", "central_storage"])
+def test_gradient_tensors_shared_by_all_replicas_are_summed(name, shared, jit_compile):
+    """A tensor captured from outside `strategy.run` is the same object on every
+    replica; TensorFlow's collectives take it for an agreed value and return it
+    ungathered unless each replica passes its own (`distribute._own`). all_reduce
+    (dense) sums it correctly; tested too."""
+    strategy = _strategy(name)
+    with strategy.scope():
+        table = tf.Variable(tf.zeros([6, 2]), name="table")
+        opt = tf_lion.Lion(0.1, beta_1=0.9, beta_2=0.99, jit_compile=jit_compile)
+    ones = tf.ones([2, 2])
+
+    @tf.function
+    def step(indices, replica_indices):
+        def replica_fn(replica_indices):
+            if shared == "dense":
+                grad = tf.scatter_nd(indices[:, None], ones, [6, 2])  # the same object
+            elif shared == "indices":
+                grad = tf.IndexedSlices(tf.ones([2, 2]), indices, tf.constant([6, 2]))
+            else:
+                grad = tf.IndexedSlices(ones, replica_indices, tf.constant([6, 2]))
+            opt.apply_gradients([(grad, table)])
+        strategy.run(replica_fn, args=(replica_indices,))
+
+    def per_replica(ctx):
+        return tf.constant([0, 5]) if ctx.replica_id_in_sync_group == 0 else tf.constant([5, 2])
+    replica_indices = strategy.experimental_distribute_values_from_function(per_replica)
+    step(tf.constant([0, 5]), replica_indices)
+    rows = [0, 5, 0, 5] if shared != "values" else [0, 5, 5, 2]
+    g = np.zeros([6, 2], np.float32)
+    np.add.at(g, rows, 1.0)
+    _, m, _ = ref.step(np.zeros([6, 2], np.float32), np.zeros([6, 2], np.float32), g,
+                       0.1, 0.9, 0.99)
+    np.testing.assert_array_equal(opt.get_slot(table, "m").numpy(), m)

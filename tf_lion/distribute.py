@@ -48,10 +48,23 @@ def all_gather_indexed_slices(grad, replica_context):
       `tf.IndexedSlices` with the indices and values of replica 0, then
       replica 1, ..., and `grad`'s `dense_shape`. Every replica gets the same.
     """
-    indices = replica_context.all_gather(grad.indices, axis=0)
+    indices = replica_context.all_gather(_own(grad.indices), axis=0)
     values = grad.values
-    values = replica_context.all_gather(tf.cast(values, _collective_dtype(values.dtype)), axis=0)
+    values = replica_context.all_gather(
+        _own(tf.cast(values, _collective_dtype(values.dtype))), axis=0)
     return tf.IndexedSlices(values, indices, grad.dense_shape)
+
+
+def _own(tensor):
+    """This replica's own tensor object for a collective.
+
+    When every replica passes the same tensor (one captured from outside
+    `strategy.run`, such as a step input), TensorFlow takes it for a value
+    the replicas already agree on and returns it ungathered (MirroredStrategy,
+    CentralStorageStrategy): indices of one replica next to the values of all,
+    or one replica's gradient dropped. An identity per replica keeps them apart.
+    """
+    return tf.identity(tensor)
 
 
 def aggregate_gradients(grads_and_vars):
