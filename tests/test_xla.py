@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import numpy_lion as ref
 import tf_lion
+from conftest import fresh_collective_keys
 
 ROWS, COLS, N = 16, 3, 10
 CASES = [("float32", None), ("float16", None), ("bfloat16", None), ("float64", None),
@@ -115,6 +116,43 @@ def test_out_of_range_index_names_variable_eagerly():
         with pytest.raises(tf.errors.InvalidArgumentError, match="my_table"):
             opt.apply_gradients([(negative, var)])
     np.testing.assert_array_equal(var.numpy(), np.zeros([4, 2]))
+
+
+@pytest.mark.parametrize("strategy_name", ["default", "mirrored", "central_storage"])
+@pytest.mark.parametrize("compiled", ["eager", "tf.function"])
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_out_of_range_index_changes_nothing(strategy_name, compiled, jit_compile):
+    """The check runs before any update of any group and before the counters:
+    a large variable (its own group), other small variables, the accumulation
+    window and `iterations` are all left as they were."""
+    if strategy_name == "mirrored":
+        fresh_collective_keys()
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    elif strategy_name == "central_storage":
+        strategy = tf.distribute.experimental.CentralStorageStrategy(["/cpu:0", "/cpu:1"])
+    else:
+        strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        big = tf.Variable(tf.ones([2 ** 18]), name="big")
+        small = tf.Variable(tf.ones([4]), name="small")
+        table = tf.Variable(tf.zeros([6, 2]), name="my_table")
+        opt = tf_lion.Lion(0.1, jit_compile=jit_compile, gradient_accumulation_steps=2)
+        opt.build([big, small, table])
+
+    def step(indices):
+        def replica_fn():
+            opt.apply_gradients([(tf.ones([2 ** 18]), big), (tf.ones([4]), small),
+                                 (tf.IndexedSlices(tf.ones([2, 2]), indices), table)])
+        strategy.run(replica_fn)
+    if compiled == "tf.function":
+        step = tf.function(step)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="my_table"):
+        step(tf.constant([0, 6]))
+    assert int(opt.iterations.numpy()) == 0
+    for var, value in ((big, 1.0), (small, 1.0), (table, 0.0)):
+        np.testing.assert_array_equal(var.numpy(), np.full(var.shape, value, np.float32))
+        np.testing.assert_array_equal(opt.get_slot(var, "accumulator").numpy(),
+                                      np.zeros(var.shape, np.float32))
 
 
 @pytest.mark.parametrize("mode", ["exact", "lazy"])

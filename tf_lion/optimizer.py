@@ -152,6 +152,25 @@ def _as_gradient(grad):
     return tf.convert_to_tensor(grad)
 
 
+def _index_checks(distribution, grads_and_vars, variables):
+    """The index checks of every sparse gradient, on the devices of its variable.
+
+    Run before any update: eagerly they raise before anything changes; in a
+    graph every update and counter depends on them (without that, updates of
+    other groups and the step counter ran before the failing check).
+    """
+    checks = []
+
+    def check(var, grad):
+        checks.append(step_lib.check_indices(var, grad.indices))
+        return tf.constant(True)  # not the dependency: Grappler may drop a Const's
+
+    for (grad, _), var in zip(grads_and_vars, variables):
+        if isinstance(step_lib.first_local(distribution, grad), tf.IndexedSlices):
+            distribution.extended.update(var, check, args=(grad,), group=False)
+    return [] if tf.executing_eagerly() else checks
+
+
 def _check_gradient(grad, variable):
     """Errors that name the variable for gradients that cannot be applied to it."""
     name = variable.name
@@ -876,19 +895,16 @@ class Lion(keras_optimizer.Optimizer):
 
         def update_fn(first_var, variables, grads, slots, weight_decays, finite, seeds):
             del first_var
-            deps = [step_lib.check_indices(v, g.indices) for v, g in zip(variables, grads)
-                    if isinstance(g, tf.IndexedSlices)]
             decayed = tuple(wd is not None for wd in weight_decays)
             hypers = (lr, beta_1, beta_2, weight_decay if any(decayed) else None, ema_momentum)
-            with tf.control_dependencies(deps):
-                if not self.jit_compile:
-                    return step_lib.device_step(None, variables, grads, slots, hypers, decayed,
-                                                finite, apply_now, seeds, options, chains)
-                grads = [step_lib.pad_to_bucket(v, g) if isinstance(g, tf.IndexedSlices) else g
-                         for v, g in zip(variables, grads)]
-                key = step_lib.trace_key(variables)
-                return self._compiled_step(key, variables, grads, slots, hypers, decayed, finite,
-                                           apply_now, seeds, options)
+            if not self.jit_compile:
+                return step_lib.device_step(None, variables, grads, slots, hypers, decayed,
+                                            finite, apply_now, seeds, options, chains)
+            grads = [step_lib.pad_to_bucket(v, g) if isinstance(g, tf.IndexedSlices) else g
+                     for v, g in zip(variables, grads)]
+            key = step_lib.trace_key(variables)
+            return self._compiled_step(key, variables, grads, slots, hypers, decayed, finite,
+                                       apply_now, seeds, options)
 
         return update_fn, weight_decay
 
@@ -913,7 +929,11 @@ class Lion(keras_optimizer.Optimizer):
         update_fn, weight_decay = self._update_fn()
         slots, weight_decay, seed = self._variable_args(
             variable, weight_decay, tf.cast(self.iterations, tf.int64))
-        return update_fn(variable, [variable], [gradient], [slots], [weight_decay], None, [seed])
+        checks = ([step_lib.check_indices(variable, gradient.indices)]
+                  if isinstance(gradient, tf.IndexedSlices) else [])
+        with tf.control_dependencies(checks):
+            return update_fn(variable, [variable], [gradient], [slots], [weight_decay], None,
+                             [seed])
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, finite=None,
                                         **kwargs):
@@ -928,21 +948,23 @@ class Lion(keras_optimizer.Optimizer):
             groups = step_lib.fusion_groups(variables)  # they share the device(s)
         else:  # one call, which packs the small variables (`step.packs`)
             groups = [list(range(len(variables)))] if variables else []
-        for group in groups:
-            grads, slots, wds, seeds = (list(x) for x in zip(*[per_variable[i] for i in group]))
-            members = [variables[i] for i in group]
-            distribution.extended.update(
-                members[0], update_fn, args=(members, grads, slots, wds, finite, seeds),
-                group=False)
-        # Cross-replica from here: one value for the counters.
-        finite = step_lib.first_local(distribution, finite)
-        if self.use_ema and self.ema_overwrite_frequency:
-            self._maybe_overwrite_with_averages(variables, step, finite)
-        if finite is None:
-            return self.iterations.assign_add(1)
-        if self.skip_nonfinite:
-            self._skipped_steps.assign_add(1 - tf.cast(finite, tf.int64))
-        return self.iterations.assign_add(tf.cast(finite, self.iterations.dtype))
+        # Nothing changes before every sparse gradient's indices are checked.
+        with tf.control_dependencies(_index_checks(distribution, grads_and_vars, variables)):
+            for group in groups:
+                grads, slots, wds, seeds = (list(x) for x in zip(*[per_variable[i] for i in group]))
+                members = [variables[i] for i in group]
+                distribution.extended.update(
+                    members[0], update_fn, args=(members, grads, slots, wds, finite, seeds),
+                    group=False)
+            # Cross-replica from here: one value for the counters.
+            finite = step_lib.first_local(distribution, finite)
+            if self.use_ema and self.ema_overwrite_frequency:
+                self._maybe_overwrite_with_averages(variables, step, finite)
+            if finite is None:
+                return self.iterations.assign_add(1)
+            if self.skip_nonfinite:
+                self._skipped_steps.assign_add(1 - tf.cast(finite, tf.int64))
+            return self.iterations.assign_add(tf.cast(finite, self.iterations.dtype))
 
     # ------------------------------------------------------------------ #
     # EMA of the model variables (per-variable "average" slots, updated in
