@@ -324,6 +324,23 @@ def test_skip_nonfinite_on_one_replica_skips_all_replicas():
     assert opt.skipped_steps.numpy() == 1 and opt.iterations.numpy() == 3
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+def test_skip_nonfinite_sees_duplicates_that_sum_to_inf(sparse_mode, jit_compile):
+    """Every value is finite, but the update sums duplicates in float16: 40000 + 40000
+    overflows, as the densified gradient does. The step is skipped, like a dense Inf."""
+    table = tf.Variable(tf.ones([3, 1], tf.float16))
+    opt = tf_lion.Lion(0.01, skip_nonfinite=True, sparse_mode=sparse_mode,
+                       jit_compile=jit_compile)
+    grad = tf.IndexedSlices(tf.constant([[40000.0], [40000.0], [2.0]], tf.float16),
+                            tf.constant([0, 0, 1]), tf.constant([3, 1]))
+    assert not np.isfinite(tf.convert_to_tensor(grad).numpy()).all()
+    opt.apply_gradients([(grad, table)])
+    assert opt.skipped_steps.numpy() == 1 and opt.iterations.numpy() == 0
+    np.testing.assert_array_equal(table.numpy(), np.ones([3, 1], np.float16))
+    np.testing.assert_array_equal(opt.get_slot(table, "m").numpy(), np.zeros([3, 1], np.float16))
+
+
 def test_skipped_steps_is_checkpointed(tmp_path):
     opt = tf_lion.Lion(0.01, skip_nonfinite=True)
     var = tf.Variable([1.0])

@@ -129,13 +129,21 @@ def unscale(grad, factor):
 
 
 def all_finite(strategy, grads):
-    """One boolean: no gradient holds NaN or Inf (on any replica, if cross-replica)."""
+    """One boolean: no gradient holds NaN or Inf (on any replica, if cross-replica).
+
+    A sparse gradient is tested after its duplicates are summed, as the
+    update sums them (`update.deduplicate_indices`, in the values' dtype):
+    finite float16 values can add up to Inf.
+    """
     checks = []
     for grad in grads:
         parts = (strategy.experimental_local_results(grad)
                  if isinstance(grad, tf.distribute.DistributedValues) else [grad])
         for g in parts:
-            values = g.values if isinstance(g, tf.IndexedSlices) else g
+            if isinstance(g, tf.IndexedSlices):
+                values = update_lib.deduplicate_indices(g.indices, g.values)[1]
+            else:
+                values = g
             checks.append(tf.reduce_all(tf.math.is_finite(values)))
     return tf.reduce_all(tf.stack(checks))
 
