@@ -722,3 +722,15 @@ def test_sparse_rows_of_varying_count_are_padded_harmlessly(sparse_mode, rng):
         m = opts[True].get_slot(variables[True], "m").numpy()
     if sparse_mode == "lazy":
         np.testing.assert_array_equal(variables[True].numpy()[rows - 1], theta[rows - 1])
+
+
+def test_traces_of_the_compiled_step_do_not_warn_of_retracing(caplog):
+    """Six variables of distinct large shapes: six programs (by design), and no
+    "calls triggered tf.function retracing" warning from TensorFlow."""
+    variables = [tf.Variable(tf.ones([2 ** 18 + i])) for i in range(6)]
+    opt = tf_lion.Lion(0.1)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for _ in range(2):
+            opt.apply_gradients([(tf.ones_like(v), v) for v in variables])
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+    assert opt._compiled_step.experimental_get_tracing_count() == 6

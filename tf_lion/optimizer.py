@@ -348,6 +348,11 @@ class Lion(keras_optimizer.Optimizer):
         # to convert, and skipping it makes tracing faster.
         self._compiled_step = self._no_dependency(tf.function(
             step_lib.device_step, jit_compile=True, reduce_retracing=True, autograph=False))
+        # One trace per group of variable shapes (per set of variables under a
+        # strategy) is by design (`step.trace_key`); TensorFlow's "N out of the
+        # last N calls triggered retracing" warning, counted over every Lion
+        # in the process, would point at a non-problem.
+        self._compiled_step._omit_frequent_tracing_warning = True
         self.gradient_accumulation_steps = _python_number(gradient_accumulation_steps)
         self.loss_scale_factor = _python_number(loss_scale_factor)
         self.skip_nonfinite = bool(skip_nonfinite)
