@@ -409,3 +409,32 @@ def test_gradient_tensors_shared_by_all_replicas_are_summed(name, shared, jit_co
     _, m, _ = ref.step(np.zeros([6, 2], np.float32), np.zeros([6, 2], np.float32), g,
                        0.1, 0.9, 0.99)
     np.testing.assert_array_equal(opt.get_slot(table, "m").numpy(), m)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_cross_replica_sparse_gradient_stays_sparse(jit_compile):
+    """Gradients already reduced in a merge_call (as LossScaleOptimizer does) are
+    per-replica values: applied as they are, never converted to one dense tensor
+    (lazy mode would then decay every row)."""
+    strategy = _strategy("mirrored")
+    with strategy.scope():
+        table = tf.Variable(tf.ones([4, 2]))
+        opt = tf_lion.Lion(0.1, sparse_mode="lazy", weight_decay=0.5, jit_compile=jit_compile)
+
+    def merge_fn(strategy, grad):
+        reduced = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, [(grad, table)])
+        return opt.apply_gradients([(reduced[0], table)], skip_gradients_aggregation=True)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            grad = tf.IndexedSlices(tf.ones([1, 2]), tf.constant([1]), tf.constant([4, 2]))
+            return tf.distribute.get_replica_context().merge_call(merge_fn, args=(grad,))
+        strategy.run(replica_fn)
+
+    step()
+    expected = np.ones([4, 2], np.float32)
+    expected[1] = ref.step(np.ones([1, 2], np.float32), np.zeros([1, 2], np.float32),
+                           np.full([1, 2], 2.0, np.float32), 0.1, 0.9, 0.99, 0.5)[0]
+    for replica in table.values:
+        np.testing.assert_array_equal(replica.numpy(), expected)

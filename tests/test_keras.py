@@ -136,6 +136,20 @@ def test_minimize_with_loss_scale_factor_equals_minimize_without(form):
     np.testing.assert_array_equal(results[0], np.array([0.99, -1.99, 0.49], np.float16))
 
 
+def test_minimize_with_loss_scale_factor_inside_the_tape_and_with_a_list_of_losses():
+    for factor in (None, 1024.0):
+        inside, listed = tf.Variable([1.0, -2.0]), tf.Variable([1.0, -2.0])
+        opt = tf_lion.Lion(0.1, loss_scale_factor=factor)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(inside * [1.0, -1.0])
+            opt.minimize(loss, [inside], tape=tape)  # in the tape's own block
+        np.testing.assert_array_equal(inside.numpy(), np.float32([0.9, -1.9]))
+        with tf.GradientTape() as tape:
+            losses = [tf.reduce_sum(listed), tf.reduce_sum(-2.0 * listed)]  # gradients add up
+        tf_lion.Lion(0.1, loss_scale_factor=factor).minimize(losses, [listed], tape=tape)
+        np.testing.assert_array_equal(listed.numpy(), np.float32([1.1, -1.9]))
+
+
 # --------------------------------------------------------------------------- #
 # SavedModel
 # --------------------------------------------------------------------------- #
@@ -193,6 +207,19 @@ def test_saved_model_of_a_trained_model_loads_everywhere(tmp_path):
         np.testing.assert_array_equal(fresh.optimizer.get_slot(fresh_var, "m").numpy(),
                                       model.optimizer.get_slot(var, "m").numpy())
     assert int(fresh.optimizer.iterations) == 2
+
+    # Saved again, the loaded object keeps its slots keyed to their variables.
+    resaved = str(tmp_path / "resaved")
+    tf.saved_model.save(loaded, resaved)
+    again = _model(seed=6)
+    again.compile(optimizer=tf_lion.Lion(1e-3, sparse_mode="lazy", use_ema=True), loss="mse")
+    tf.train.Checkpoint(root=again).read(
+        os.path.join(resaved, "variables", "variables")).expect_partial()
+    again.optimizer.build(again.trainable_variables)
+    for var, again_var in zip(model.trainable_variables, again.trainable_variables):
+        np.testing.assert_array_equal(again.optimizer.get_slot(again_var, "m").numpy(),
+                                      model.optimizer.get_slot(var, "m").numpy())
+    assert isinstance(tf.saved_model.load(resaved).optimizer, tf_lion.keras_compat.RestoredLion)
 
 
 def test_saved_model_with_loss_scale_optimizer_loads(tmp_path):

@@ -161,9 +161,22 @@ def test_specs_partials_and_unknown_shapes():
     assert tpu.check_compiles(functools.partial(scaled, scale=2.0), tf.ones(3)).ok
     spec = functools.partial(tf.TensorSpec, dtype=tf.float32)
     assert tpu.check_compiles(scaled, spec([3]), scale=spec([])).ok
-    with pytest.raises(ValueError, match="all inputs are TensorSpec") as info:
-        tpu.compile_report(scaled, spec([3]), scale=2.0)  # a usage error, not a report
-    assert not isinstance(info.value, tpu.TPUCompatibilityError)
+    # Specs next to Python values, nested specs (a dataset's element_spec) and
+    # defaults: TensorFlow's compiler-IR call takes none of them as given.
+    assert tpu.check_compiles(scaled, spec([3]), scale=2.0).ok
+
+    def with_default(x, scale=2.0):
+        return tf.reduce_sum(x * scale)
+    assert tpu.check_compiles(with_default, tf.ones(3)).ok
+    assert tpu.check_compiles(tf.function(with_default, jit_compile=True), spec([3])).ok
+    dataset = tf.data.Dataset.from_tensors(
+        ({"ids": tf.zeros([8, 4], tf.int32), "dense": tf.zeros([8, 3])}, tf.zeros([8, 1])))
+
+    def step(features, label):
+        return (tf.reduce_sum(tf.cast(features["ids"], tf.float32))
+                + tf.reduce_sum(features["dense"]) + tf.reduce_sum(label))
+    assert tpu.check_compiles(step, *dataset.element_spec).ok
+    assert tpu.check_compiles(lambda batch: step(*batch), dataset.element_spec).ok
     report = tpu.compile_report(scaled, spec([None]), scale=spec([]))
     assert [p.kind for p in report.problems] == ["dynamic-shape"]
     assert "unknown dimensions" in report.problems[0].detail
@@ -220,6 +233,23 @@ def test_py_function_and_string_ops_are_named():
     assert {p.kind for p in report.problems} == {"not-compilable"}
     details = " | ".join(p.detail for p in report.problems)
     # XLA's error names only the first op; the report names every one.
+    assert "EagerPyFunc (tf.py_function)" in details
+    assert "AsString (a string op" in details and "StringLength" in details
+    assert len(report.problems) == 3
+
+
+def test_ops_of_nested_tf_functions_are_named():
+    @tf.function
+    def augment(x):
+        doubled = tf.py_function(lambda t: t * 2, [x], tf.float32)
+        return doubled, tf.strings.length(tf.strings.as_string(x))
+
+    def step(x):
+        doubled, length = augment(x)
+        return tf.reduce_sum(doubled) + tf.cast(tf.reduce_sum(length), tf.float32)
+
+    report = tpu.compile_report(step, tf.ones(3))
+    details = " | ".join(p.detail for p in report.problems)
     assert "EagerPyFunc (tf.py_function)" in details
     assert "AsString (a string op" in details and "StringLength" in details
     assert len(report.problems) == 3

@@ -19,6 +19,7 @@ tf-keras's own error), so nothing changes for other optimizers.
 
 import tensorflow as tf
 from tensorflow.python.saved_model import revived_types
+from tensorflow.python.saved_model import save_context
 from tensorflow.python.trackable import autotrackable
 from tf_keras.src.mixed_precision import loss_scale_optimizer
 
@@ -62,17 +63,30 @@ class RestoredLion(autotrackable.AutoTrackable):
     It holds the saved counters and hyperparameter variables as attributes,
     and the momenta (and any other slots) of the SavedModel's checkpoint in
     `slots`: `(variable, slot name, slot variable)` triples, for inspection.
+    Saved again, it writes them keyed to their variables, as a `Lion` does.
     To train on from a SavedModel, restore its checkpoint into a model and a
     `Lion` (README, "SavedModel").
     """
 
     def __init__(self):
         super().__init__()
-        self._slot_triples = []
+        self._slot_triples = self._no_dependency([])  # saved as slots, not as a list
 
     @property
     def slots(self):
         return list(self._slot_triples)
+
+    def get_slot_names(self):
+        """The slot protocol, for checkpoints (none in a SavedModel's object graph)."""
+        if save_context.in_save_context():
+            return []
+        return sorted({name for _, name, _ in self._slot_triples})
+
+    def get_slot(self, var, slot_name):
+        for variable, name, slot in self._slot_triples:
+            if variable is var and name == slot_name:
+                return slot
+        raise KeyError(slot_name)
 
     def _create_or_restore_slot_variable(self, slot_variable_position, slot_name, variable,
                                          slot_variable_shape=None):
@@ -112,7 +126,7 @@ def register_saved_model_type(lion_class):
         return
     tf.__internal__.saved_model.load.register_revived_type(
         _SAVED_MODEL_TYPE,
-        lambda obj: isinstance(obj, lion_class) or (
+        lambda obj: isinstance(obj, (lion_class, RestoredLion)) or (
             isinstance(obj, loss_scale_optimizer.LossScaleOptimizerV3) and _wraps_lion(obj)),
         versions=[tf.__internal__.saved_model.load.VersionedTypeRegistration(
             object_factory=lambda proto: RestoredLion(),

@@ -146,10 +146,14 @@ def _warn_fresh_slots(optimizer_name, without_state):
 
 
 def _as_gradient(grad):
-    """A gradient given as a NumPy array or a (nested) list, as a tensor."""
-    if grad is None or isinstance(grad, tf.IndexedSlices) or tf.is_tensor(grad):
-        return grad
-    return tf.convert_to_tensor(grad)
+    """A gradient given as a NumPy array, a number or a (nested) list, as a tensor.
+
+    Anything else (tensors, `tf.IndexedSlices`, a strategy's per-replica
+    values in a cross-replica context) is left as it is.
+    """
+    if isinstance(grad, (np.ndarray, np.generic, list, tuple, numbers.Number)):
+        return tf.convert_to_tensor(grad)
+    return grad
 
 
 def _index_checks(distribution, grads_and_vars, variables):
@@ -403,12 +407,16 @@ class Lion(keras_optimizer.Optimizer):
         the tape that computed it. Pass them the loss itself.
         """
         if self.loss_scale_factor is not None:
+            def scale(value):  # a loss or a structure of losses (their gradients add up)
+                return tf.nest.map_structure(self.scale_loss, value)
             if callable(loss):
                 unscaled = loss
-                loss = lambda: self.scale_loss(unscaled())  # noqa: E731
+                loss = lambda: scale(unscaled())  # noqa: E731
+            elif tape is not None and getattr(tape, "_recording", False):
+                loss = scale(loss)  # called inside the tape's own block: it records this
             elif tape is not None:
                 with tape:
-                    loss = self.scale_loss(loss)
+                    loss = scale(loss)
         return super().compute_gradients(loss, var_list, tape)
 
     # ------------------------------------------------------------------ #

@@ -687,7 +687,7 @@ def _ops_without_xla_kernel(concrete_fn, device_type):
 
 _UNSUPPORTED = re.compile(
     r"No registered '(?P<op>[^']+)' OpKernel for (?P<device>\S+) devices compatible with "
-    r"node \{\{node (?P<node>[^}]+)\}\}")
+    r"node (?:\{\{function_node [^}]+\}\})?\{\{node (?P<node>[^}]+)\}\}")
 
 
 def _describe_op(op_type):
@@ -723,12 +723,36 @@ def _compile_failure(error, concrete_fn):
     return problems
 
 
+def _example_arguments(fn, args, kwargs):
+    """`(args, kwargs)` as TensorFlow's compiler-IR call takes them.
+
+    That call accepts top-level `tf.TensorSpec`s or tensors, not specs nested
+    in a structure (a dataset's `element_spec`), and does not fill in default
+    arguments. The step is never run, so every (fully defined) spec becomes
+    zeros of its shape and dtype, and defaults are bound explicitly.
+    """
+    try:
+        bound = inspect.signature(fn.python_function).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no Python signature: leave the call as given
+        pass
+    else:
+        bound.apply_defaults()
+        args, kwargs = bound.args, bound.kwargs
+
+    def as_example(value):
+        if isinstance(value, tf.TensorSpec):
+            return tf.zeros(value.shape, value.dtype)
+        return value
+    return tf.nest.map_structure(as_example, args), tf.nest.map_structure(as_example, kwargs)
+
+
 def compile_report(step_fn, *args, **kwargs):
     """Compiles `step_fn(*args, **kwargs)` with XLA and lints it; never raises on problems.
 
     The step is traced and compiled, not run: variables keep their values.
     Shapes and dtypes are taken from the example arguments (tensors or
-    `tf.TensorSpec`s; all of one kind), as a TPU would see them.
+    `tf.TensorSpec`s, also nested, e.g. a dataset's `element_spec`), as a
+    TPU would see them.
 
     Variables: Keras layers and optimizers create theirs in `tf.init_scope`
     on the first trace, which works (a fresh optimizer's slots are created,
@@ -755,6 +779,7 @@ def compile_report(step_fn, *args, **kwargs):
                           "defined tf.TensorSpecs")
         return HloReport(hlo_text="", problems=[problem],
                          kind_counts={kind: int(kind == DYNAMIC_SHAPE) for kind in KINDS})
+    args, kwargs = _example_arguments(fn, args, kwargs)
     compiler_ir = fn.experimental_get_compiler_ir(*args, **kwargs)
     try:
         hlo_text = compiler_ir(stage="hlo")
