@@ -261,9 +261,12 @@ def test_model_weights_missing_from_the_checkpoint_are_named(tmp_path):
     model.add(tf_keras.layers.Dense(2))  # its weights are not in the checkpoint
     opt = tf_lion_opt()
     variables = model.trainable_variables[:4]  # the source's, for the momenta
+    before = [v.numpy() for v in model.variables]
     with pytest.raises(ValueError, match=r"2 of the model's 6 weights are not in it"):
         checkpoint_lib.restore_from_tf_keras_lion(path, model, opt,
                                                   trainable_variables=variables)
+    for variable, value in zip(model.variables, before):  # the weights read are put back
+        assert_bitwise(variable.numpy(), value)
 
 
 @pytest.mark.parametrize("build_first", [True, False])
@@ -445,3 +448,31 @@ def test_cli_converts_with_model_fn(tmp_path):
     assert "has 4 tf-keras Lion momenta but 2 trainable variables" in result.stderr
     result = run_cli(path, dst, "--model_fn", "mig_models:build", pythonpath=tmp_path)
     assert result.returncode == 1 and "already exists; pass --overwrite" in result.stderr
+
+
+def test_cli_writes_no_learning_rate_when_the_source_has_none(tmp_path):
+    """A source trained with a schedule saves no learning rate; the converted
+    checkpoint then holds none either, and a restore keeps the optimizer's own."""
+    model = dense_model()
+    schedule = tf_keras.optimizers.schedules.ExponentialDecay(LR, 10, 0.5)
+    keras_opt = tf_keras.optimizers.Lion(learning_rate=schedule)
+    train(model, keras_opt, dense_batch, 3)
+    path = tf.train.Checkpoint(model=model, optimizer=keras_opt).save(str(tmp_path / "src" / "c"))
+    (tmp_path / "mig_models.py").write_text(textwrap.dedent("""\
+        import tf_keras
+
+        def build():
+            tf_keras.utils.set_random_seed(7)
+            return tf_keras.Sequential([
+                tf_keras.layers.Dense(8, activation="tanh", input_shape=(5,)),
+                tf_keras.layers.Dense(3),
+            ])
+    """))
+    dst = tmp_path / "dst" / "ckpt"
+    result = run_cli(path, dst, "--model_fn", "mig_models:build", pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "learning_rate none (the source has none" in result.stdout
+    assert not [name for name, _ in tf.train.list_variables(str(dst)) if "learning_rate" in name]
+    model, opt = restore_tf_lion_checkpoint(str(dst), learning_rate=3e-3)
+    assert opt.learning_rate.numpy() == np.float32(3e-3)
+    assert_momenta_match(opt, model, keras_opt)

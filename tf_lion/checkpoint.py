@@ -278,7 +278,9 @@ def restore_from_tf_keras_lion(path, model, optimizer, *, trainable_variables=No
     assigns momentum j (cast to the slot's dtype) to the slot of
     `trainable_variables[j]`, the step counter, and the EMA averages when both
     the source and `optimizer` use EMA. Every count and shape is checked
-    before anything changes. The optimizer's hyperparameters (learning rate
+    before anything changes; a model weight missing from the checkpoint can
+    only be found by reading it, and then the weights read are put back
+    before the error. The optimizer's hyperparameters (learning rate
     included) are the ones `optimizer` was created with.
 
     Args:
@@ -356,6 +358,7 @@ def _restore_model(prefix, model, optimizer):
     read by position afterwards.
     """
     weights = {id(v): v for v in model.variables}
+    previous = {key: v.numpy() for key, v in weights.items()}  # put back if a weight is missing
     # The source's step and learning rate could reach these through the
     # model's optimizer; the slots are all assigned by the caller.
     own = [v for v in (optimizer.iterations, getattr(optimizer, "_learning_rate", None))
@@ -373,6 +376,8 @@ def _restore_model(prefix, model, optimizer):
     missing = [v.name for key, v in weights.items()
                if v._update_uid <= before[key]]  # pylint: disable=protected-access
     if missing:
+        for key, variable in weights.items():
+            variable.assign(previous[key])
         raise ValueError(
             f"The model does not match the checkpoint's 'model' entry in '{prefix}': "
             f"{len(missing)} of the model's {len(weights)} weights are not in it: "

@@ -10,7 +10,9 @@ not say which variable it belongs to (see `tf_lion.checkpoint`). Converting
 needs the model, so `--model_fn MODULE:FUNCTION` names a zero-argument
 function returning the same tf-keras model, built. The momenta, the step
 counter and the EMA averages are converted; the learning rate written is the
-source's saved one unless `--learning_rate` is given. `--inspect` lists what the
+source's saved one unless `--learning_rate` is given, and none is written when
+the source has none (a schedule): a later restore keeps the restoring
+optimizer's own. `--inspect` lists what the
 checkpoint holds, without a model, or with one to show the variable each
 momentum maps to.
 """
@@ -55,7 +57,7 @@ def _parser():
                              "variable's dtype); restore later with the same momentum_dtype")
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="learning rate stored in the new checkpoint (default: the source's "
-                             "saved one, else tf_lion's default)")
+                             "saved one; none if the source has none, e.g. a schedule)")
     parser.add_argument("--drop_ema", action="store_true",
                         help="do not carry EMA averages over (kept by default if the source "
                              "used use_ema=True)")
@@ -129,13 +131,17 @@ def convert(args):
     lr = args.learning_rate
     if lr is None and state.learning_rate is not None:
         lr = float(checkpoint_lib.read_value(state.prefix, state.learning_rate))
-    kwargs = {} if lr is None else {"learning_rate": lr}
-    optimizer = Lion(momentum_dtype=args.momentum_dtype,
-                     use_ema=state.averages is not None and not args.drop_ema, **kwargs)
+    # Without a learning rate to carry over, the optimizer gets a callable one,
+    # which is no variable: the checkpoint holds no learning rate to restore.
+    optimizer = Lion(learning_rate=(lambda: 0.0) if lr is None else lr,
+                     momentum_dtype=args.momentum_dtype,
+                     use_ema=state.averages is not None and not args.drop_ema)
     path = checkpoint_lib.convert_tf_keras_lion_checkpoint(state.prefix, dst, model, optimizer)
+    written = ("none (the source has none; pass --learning_rate to write one)" if lr is None
+               else f"{lr:.6g}")
     print(f"wrote {path}: {len(state.momenta)} momenta, iterations "
-          f"{int(optimizer.iterations.numpy())}, learning_rate "
-          f"{float(optimizer.learning_rate.numpy()):.6g}, ema {optimizer.use_ema}")
+          f"{int(optimizer.iterations.numpy())}, learning_rate {written}, "
+          f"ema {optimizer.use_ema}")
     return path
 
 
