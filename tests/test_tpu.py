@@ -207,6 +207,23 @@ def test_float64_step_is_reported():
     assert "[float64]" in message and "HLO: " in message and "metadata" not in message
 
 
+def test_float64_is_reported_once_where_it_starts():
+    """A reduction's f64 reducer parameters and init value are not places where
+    64-bit data starts: one cast, one problem; an f64 input, one more."""
+    def step(x):
+        return tf.cast(tf.reduce_sum(tf.cast(x, tf.float64)), tf.float32)
+    report = tpu.compile_report(step, tf.ones([8]))
+    assert [p.kind for p in report.problems] == ["float64"]
+    assert "TF op Cast" in report.problems[0].detail
+    assert report.kind_counts["float64"] > 1
+
+    def two(x, y):
+        return tf.cast(tf.reduce_max(y) + tf.reduce_min(tf.cast(x, tf.float64)), tf.float32)
+    report = tpu.compile_report(two, tf.ones([8]), tf.ones([8], tf.float64))
+    details = sorted(p.detail.split(";")[0] for p in report.problems)
+    assert details == ["convert produces f64 data", "parameter produces f64 data"], details
+
+
 def test_tf_keras_lion_step_is_reported():
     # tf-keras deduplicates sparse gradients with tf.unique: the same step
     # with its Lion has data-dependent shapes (tf_lion's has none, above).
@@ -410,10 +427,11 @@ def test_lint_float64():
         "%z = c128[4]{0} parameter(1)",
         "ROOT %r = f32[4]{0} convert(f64[4]{0} %m)",
     ))
-    assert _kinds(report) == ["float64", "float64"]  # where f64 starts: %w and %z
-    assert "%w = f64[4]{0} convert" in report.problems[0].hlo_line
+    # XLA folds %cb, %cf and %w (converts of constants): f64 starts at %m and %z.
+    assert _kinds(report) == ["float64", "float64"]
+    assert "%m = f64[4]{0} multiply" in report.problems[0].hlo_line
     assert "c128" in report.problems[1].detail
-    assert report.kind_counts["float64"] == 3  # w, m, z (not the constants)
+    assert report.kind_counts["float64"] == 2  # m, z (not the constants)
 
 
 def test_lint_ignores_names_and_metadata():

@@ -101,6 +101,9 @@ HOST_CUSTOM_CALLS = frozenset({
 DYNAMIC_CUSTOM_CALLS = frozenset({"SliceToDynamic", "PadToStatic"})
 
 _SHAPE_ONLY_OPCODES = frozenset({"broadcast", "reshape", "bitcast", "copy", "transpose"})
+# What XLA folds when every operand is a constant (a reduction's f64 init value
+# is `convert(constant)`).
+_FOLDED_OPCODES = _SHAPE_ONLY_OPCODES | {"convert"}
 HOST_OPCODES = frozenset({"send", "recv", "infeed", "outfeed"})
 COLLECTIVE_OPCODES = frozenset({
     "all-reduce", "all-reduce-start",
@@ -517,9 +520,10 @@ def lint_hlo(hlo_text):
 
     Checks:
       * float64: instructions whose result holds `f64`/`c128` (constants,
-        and broadcasts or reshapes of constants, excepted: XLA folds them). One problem per place where
-        64-bit data starts (an f64 instruction none of whose operands is
-        one); `kind_counts["float64"]` counts all of them.
+        and broadcasts, reshapes or converts of constants, excepted: XLA
+        folds them). One problem per place where 64-bit data starts (an f64
+        instruction none of whose operands is one, parameters of called
+        computations excepted); `kind_counts["float64"]` counts all of them.
       * dynamic-shape: results with `<=` (bounded) or `?` (unbounded)
         dimensions; one problem per place where dynamism starts, plus the
         dynamic padder's `SliceToDynamic`/`PadToStatic` custom-calls.
@@ -544,11 +548,18 @@ def lint_hlo(hlo_text):
     constant_like = set()
     for ins in instructions:
         if ins.opcode == "constant" or (
-                ins.opcode in _SHAPE_ONLY_OPCODES and ins.operands
+                ins.opcode in _FOLDED_OPCODES and ins.operands
                 and all(name in constant_like for _, name in ins.operands)):
             constant_like.add(ins.name)
     wide = {ins.name for ins in instructions
             if ins.name not in constant_like and _has_wide_type(ins.shape)}
+    # Parameters of called computations (reducers, loop bodies, branches) hold
+    # what the caller passes them: the caller's operands are where it starts.
+    entry = next((match.group("name") for match in map(_COMPUTATION.match, hlo_text.splitlines())
+                  if match and match.group(0).lstrip().startswith("ENTRY")), None)
+
+    def passed_in(ins):
+        return ins.opcode == "parameter" and entry is not None and ins.computation != entry
     dynamic = {ins.name for ins in instructions if _dynamic_dims(ins.shape)}
     kind_counts[FLOAT64] = len(wide)
     kind_counts[DYNAMIC_SHAPE] = len(dynamic)
@@ -556,7 +567,7 @@ def lint_hlo(hlo_text):
     for ins in instructions:
         line = _shorten(ins.text)
         operand_names = [name for _, name in ins.operands]
-        if ins.name in wide and not any(n in wide for n in operand_names):
+        if ins.name in wide and not any(n in wide for n in operand_names) and not passed_in(ins):
             types = sorted({d for d, _ in _array_shapes(ins.shape) if d in _WIDE_TYPES})
             problems.append(Problem(
                 FLOAT64,
