@@ -119,8 +119,9 @@ def register_saved_model_type(lion_class):
     `tf.saved_model.save` would not load. A SavedModel uses the first
     registration that matches, so tf_lion's goes first (for a Lion and for a
     `LossScaleOptimizer` around one, which holds its slots). Loaded where tf_lion
-    is imported, the optimizer is a `RestoredLion`; elsewhere (plain
-    TensorFlow, TF Serving) a generic object. Neither restores slots.
+    is imported, the optimizer is a `RestoredLion`, which holds the slots;
+    elsewhere (plain TensorFlow, TF Serving) a generic object, which skips
+    them (TensorFlow logs it).
     """
     if _SAVED_MODEL_TYPE in revived_types.registered_identifiers():
         return

@@ -167,7 +167,9 @@ def _index_checks(distribution, grads_and_vars, variables):
 
     def check(var, grad):
         checks.append(step_lib.check_indices(var, grad.indices))
-        return tf.constant(True)  # not the dependency: Grappler may drop a Const's
+        # The updates wait for the check ops themselves: a constant made under
+        # their control dependency did not hold them back (Grappler drops it).
+        return tf.constant(True)
 
     for (grad, _), var in zip(grads_and_vars, variables):
         if isinstance(step_lib.first_local(distribution, grad), tf.IndexedSlices):
