@@ -146,3 +146,48 @@ def test_mirrored_replicas_stay_bitwise_identical():
         first, second = (v.numpy() for v in var.values)
         np.testing.assert_array_equal(first, second)
     assert np.any(tf.cast(w.values[0], tf.float32).numpy() != 1.0)  # it did move
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_each_rounding_of_each_step_draws_its_own_stream(monkeypatch, sparse):
+    """The momentum of step t and the parameters of step t + 1 shared their draws."""
+    seeds = []
+    original = update_lib.stochastic_round
+
+    def spy(x, dtype, seed=None, uniform=None):
+        if seed is not None:
+            seeds.append(tuple(seed.numpy()))
+        return original(x, dtype, seed, uniform)
+    monkeypatch.setattr(update_lib, "stochastic_round", spy)
+    opt = tf_lion.Lion(1e-3, stochastic_rounding=True, sparse_mode="exact", jit_compile=False)
+    var = tf.Variable(tf.ones([4, 2], tf.bfloat16), name="w")
+    for _ in range(3):
+        grad = tf.ones([4, 2], tf.bfloat16)
+        if sparse:
+            grad = tf.IndexedSlices(tf.ones([2, 2], tf.bfloat16), tf.constant([0, 2]))
+        opt.apply_gradients([(grad, var)])
+    assert len(seeds) == 6 and len(set(seeds)) == 6, seeds
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_rounding_of_the_parameters_is_unbiased_after_a_rounded_momentum(jit_compile):
+    """Step 1 rounds a bfloat16 momentum up with probability 0.9; at step 2 the sign
+    of c depends on it, and every parameter moves by lr = 2**-12 (a sixteenth of
+    its bfloat16 spacing at 1.0): unbiased rounding moves down 1/16 of those whose
+    momentum rounded up. With the draws shared (before), none moved."""
+    n = 1 << 14
+    beta_1, beta_2 = np.float32(0.9), np.float32(0.99)
+    spacing = 2.0 ** -8  # bfloat16 spacing in [0.5, 1)
+    g0 = np.float32((0.5 + 0.9 * spacing) / (1 - beta_2))
+    g1 = np.float32(-beta_1 * (0.5 + 0.5 * spacing) / (1 - beta_1))  # c > 0 iff m rounded up
+    lr = tf.Variable(0.0)
+    opt = tf_lion.Lion(lr, beta_1=0.9, beta_2=0.99, stochastic_rounding=True, seed=123,
+                       jit_compile=jit_compile)
+    var = tf.Variable(tf.ones([n], tf.bfloat16), name="w")
+    opt.apply_gradients([(tf.fill([n], tf.constant(g0, tf.bfloat16)), var)])
+    up = opt.get_slot(var, "m").numpy().astype(np.float64) > 0.5 + 0.5 * spacing
+    lr.assign(2.0 ** -12)
+    opt.apply_gradients([(tf.fill([n], tf.constant(g1, tf.bfloat16)), var)])
+    moved_down = var.numpy().astype(np.float64)[up] < 1.0
+    # Binomial(~0.9 n, 1/16): the standard error of the fraction is 0.002.
+    assert abs(moved_down.mean() - 1 / 16) < 0.01, moved_down.mean()

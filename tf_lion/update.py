@@ -210,10 +210,23 @@ def stochastic_round(x, dtype, seed=None, uniform=None):
     return tf.cast(tf.where(x < 0, -rounded, rounded), dtype)
 
 
+# Stochastic rounding draws one stream per (variable, step, salt): the
+# variable's seed is `[key, step]`, and each rounding of a step takes
+# `[key, step * _SALTS + salt]`. (Adding the salt to the step alone made the
+# momentum of step t and the parameters of step t + 1 share their draws: a
+# bias wherever c was within a rounding of zero.)
+_SALT_THETA, _SALT_M, _SALT_THETA_ROWS, _SALT_M_ROWS = range(4)
+_SALTS = 4
+
+
+def _salted(seed, salt):
+    return seed * tf.constant([1, _SALTS], seed.dtype) + tf.constant([0, salt], seed.dtype)
+
+
 def _cast_out(x, dtype, seed, salt):
     """Casts a computed value to its storage dtype (stochastically if `seed`)."""
     if seed is not None and tf.as_dtype(dtype) in _LOW_PRECISION:
-        return stochastic_round(x, dtype, seed + tf.constant([0, salt], seed.dtype))
+        return stochastic_round(x, dtype, _salted(seed, salt))
     return _cast(x, dtype)
 
 
@@ -265,8 +278,9 @@ def _step_tables(variable, momentum, gradient, dtype, hypers, seed, momentum_fir
                                                                  delta=direction)
         else:
             new_theta = theta - lr * direction if add is add_scaled else add(theta, -lr, direction)
-            theta_step = variable.assign(_cast_out(new_theta, variable.dtype, seed, 0))
-        return tf.group(theta_step, momentum.assign(_cast_out(new_m, momentum.dtype, seed, 1)))
+            theta_step = variable.assign(_cast_out(new_theta, variable.dtype, seed, _SALT_THETA))
+        new_m = _cast_out(new_m, momentum.dtype, seed, _SALT_M)
+        return tf.group(theta_step, momentum.assign(new_m))
 
 
 def _steps_in_place(variable, dtype):
@@ -389,8 +403,9 @@ def masked_update(variable, momentum, gradient, mask, lr, beta_1, beta_2, weight
                                  lr, beta_1, beta_2, weight_decay, momentum_first)
     rows = tf.reshape(tf.not_equal(mask, 0), [-1] + [1] * (variable.shape.rank - 1))
     return tf.group(
-        variable.assign(tf.where(rows, _cast_out(new_theta, variable.dtype, seed, 0), theta)),
-        momentum.assign(tf.where(rows, _cast_out(new_m, momentum.dtype, seed, 1), m)),
+        variable.assign(
+            tf.where(rows, _cast_out(new_theta, variable.dtype, seed, _SALT_THETA), theta)),
+        momentum.assign(tf.where(rows, _cast_out(new_m, momentum.dtype, seed, _SALT_M), m)),
     )
 
 
@@ -455,8 +470,8 @@ def _rows_update(variable, momentum, indices, values, dtype, hypers, seed, momen
         momentum_first=momentum_first,
     )
     if seed is not None:
-        return (indices, _round_rows(new_theta, variable.dtype, seed, 0, indices),
-                _round_rows(new_m, momentum.dtype, seed, 1, indices))
+        return (indices, _round_rows(new_theta, variable.dtype, seed, _SALT_THETA_ROWS, indices),
+                _round_rows(new_m, momentum.dtype, seed, _SALT_M_ROWS, indices))
     return indices, _cast(new_theta, variable.dtype), _cast(new_m, momentum.dtype)
 
 
@@ -480,7 +495,7 @@ def _round_rows(rows, dtype, seed, salt, sorted_indices):
     segment = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
     first = tf.gather(tf.math.unsorted_segment_min(positions, segment, tf.size(sorted_indices)),
                       segment)
-    u = tf.random.stateless_uniform(tf.shape(rows), seed=seed + tf.constant([0, salt], seed.dtype))
+    u = tf.random.stateless_uniform(tf.shape(rows), seed=_salted(seed, salt))
     return stochastic_round(rows, dtype, uniform=tf.gather(u, first))
 
 
@@ -562,9 +577,9 @@ def _exact_sparse_update_in_place(variable, momentum, indices, values, dtype, hy
     theta, m = variable.read_value(), momentum.read_value()
     new_theta, new_m = lion_step(_cast(theta, dtype), _cast(m, dtype), None, *hypers,
                                  momentum_first=momentum_first)
-    new_theta = tf.where(touched, theta, _cast_out(new_theta, variable.dtype, seed, 0))
+    new_theta = tf.where(touched, theta, _cast_out(new_theta, variable.dtype, seed, _SALT_THETA))
     touched = tf.logical_or(touched, _false_after(new_theta))
-    new_m = tf.where(touched, m, _cast_out(new_m, momentum.dtype, seed, 1))
+    new_m = tf.where(touched, m, _cast_out(new_m, momentum.dtype, seed, _SALT_M))
     table = tf.group(variable.assign(new_theta), momentum.assign(new_m))
     with tf.control_dependencies([table]):
         indices, theta_rows, m_rows = _rows_update(variable, momentum, indices, values, dtype,
