@@ -112,6 +112,22 @@ def test_strategy_equals_single_device_bitwise(name, sparse_mode, jit_compile):
     assert got[-1] == STEPS
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+@pytest.mark.parametrize("name", ["mirrored", "central_storage"])
+def test_accumulation_with_global_clipnorm_equals_single_device_bitwise(name, jit_compile):
+    """The global norm of the averages is taken from one replica's copies (they
+    are equal) and the factor reaches every replica."""
+    kwargs = dict(sparse_mode="exact", jit_compile=jit_compile, gradient_accumulation_steps=2,
+                  global_clipnorm=0.05)
+    expected = _state(*_train(_strategy("default"), **kwargs))
+    got = _state(*_train(_strategy(name), **kwargs))
+    _assert_same(got, expected)
+    unclipped = _state(*_train(_strategy("default"), sparse_mode="exact",
+                               jit_compile=jit_compile, gradient_accumulation_steps=2))
+    # The clipping was active: it scales the momenta (Lion's signs may not change).
+    assert any(not np.array_equal(a, b) for a, b in zip(unclipped[:-1], expected[:-1]))
+
+
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
 @pytest.mark.parametrize("name", ["default", "mirrored", "central_storage"])
 def test_ordered_and_fused_updates_without_xla_change_no_bits(name, sparse_mode, monkeypatch):

@@ -67,6 +67,54 @@ def test_accumulating_4_micro_batches_equals_the_4x_batch(sparse_mode, jit_compi
         assert not np.any(acc_opt.get_slot(acc[i], "accumulator").numpy())
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("clip", [dict(clipnorm=0.5), dict(global_clipnorm=0.7),
+                                  dict(clipvalue=0.05)])
+def test_accumulation_clips_the_average_as_the_4x_batch_is_clipped(clip, sparse_mode,
+                                                                    jit_compile):
+    """Clipping applies to the applied average (as Keras 3 does), so 4 micro-batches
+    equal the 4x batch with clipping on. The reference's gradients are densified:
+    tf-keras clips a `tf.IndexedSlices` by its entries, not by its summed rows."""
+    micro = ep.batches(12, B)
+    big = [ep.concat(micro[i:i + 4]) for i in range(0, 12, 4)]
+    acc_opt = tf_lion.Lion(0.01, weight_decay=0.25, sparse_mode=sparse_mode,
+                           jit_compile=jit_compile, gradient_accumulation_steps=4, **clip)
+    ref_opt = tf_lion.Lion(0.01, weight_decay=0.25, sparse_mode="exact",
+                           jit_compile=jit_compile, **clip)
+    acc = _run(acc_opt, micro, B)
+    ref_params = [tf.Variable(p) for p in ep.initial_params()]
+
+    @tf.function
+    def ref_step(batch):
+        grads = [tf.convert_to_tensor(g) for g in ep.gradients(ref_params, batch, 4 * B)]
+        ref_opt.apply_gradients(zip(grads, ref_params))
+    for batch in big:
+        ref_step({k: tf.constant(v) for k, v in batch.items()})
+    # Lazy mode steps only the rows the window touched; exact mode every row.
+    got, expected = ep.state(acc, acc_opt), ep.state(ref_params, ref_opt)
+    if sparse_mode == "lazy":
+        touched = np.unique(np.concatenate([b["ids"].ravel() for b in micro]))
+        for key in ("param0", "m0"):
+            got[key], expected[key] = got[key][touched], expected[key][touched]
+    if jit_compile:  # two XLA programs contract multiply-adds differently
+        for key in got:
+            np.testing.assert_allclose(got[key], expected[key], rtol=4e-7 * 3, atol=1e-9,
+                                       err_msg=key)
+    else:
+        ep.assert_same(got, expected)
+    # The clipping is active on the first big step.
+    first = [tf.convert_to_tensor(g).numpy() for g in ep.gradients(
+        [tf.Variable(p) for p in ep.initial_params()], big[0], 4 * B)]
+    norms = [np.linalg.norm(g) for g in first]
+    if "clipnorm" in clip:
+        assert max(norms) > clip["clipnorm"]
+    elif "global_clipnorm" in clip:
+        assert np.linalg.norm(norms) > clip["global_clipnorm"]
+    else:
+        assert max(np.abs(g).max() for g in first) > clip["clipvalue"]
+
+
 def test_variables_change_only_on_every_nth_call():
     opt = tf_lion.Lion(0.01, gradient_accumulation_steps=3, sparse_mode="lazy")
     params = [tf.Variable(p) for p in ep.initial_params()]

@@ -866,7 +866,8 @@ class Lion(keras_optimizer.Optimizer):
             # Aggregated gradients are the same on every replica, so every
             # replica reaches the same verdict (a NaN on one skips all).
             finite = step_lib.all_finite(strategy, grads) if self.skip_nonfinite else None
-            grads = self._clip_gradients(list(grads))
+            if not self._accumulating:  # else the average is clipped when applied
+                grads = self._clip_gradients(list(grads))
             grads_and_vars = list(zip(grads, variables))
             if tf.distribute.in_cross_replica_context():
                 # Already aggregated, e.g. by LossScaleOptimizer inside its merge_call.
@@ -905,13 +906,19 @@ class Lion(keras_optimizer.Optimizer):
         if self._accumulating:
             apply_now = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
         accumulation_steps = self.gradient_accumulation_steps if self._accumulating else None
-        options = (self.sparse_mode, accumulation_steps, self._momentum_first)
+        clip = self._average_clip()
+        options = (self.sparse_mode, accumulation_steps, self._momentum_first, clip)
         chains = None if self.jit_compile else step_lib.UpdateChains()
 
-        def update_fn(first_var, variables, grads, slots, weight_decays, finite, seeds):
+        def update_fn(first_var, variables, grads, slots, weight_decays, finite, seeds,
+                      clip_scale=None):
             del first_var
             decayed = tuple(wd is not None for wd in weight_decays)
-            hypers = (lr, beta_1, beta_2, weight_decay if any(decayed) else None, ema_momentum)
+            if clip is not None and clip[0] == "global" and clip_scale is None:  # update_step
+                clip_scale = self._global_clip_scale(
+                    None, [s["accumulator"] for s in slots], grads, apply_now)
+            hypers = (lr, beta_1, beta_2, weight_decay if any(decayed) else None, ema_momentum,
+                      clip_scale)
             if not self.jit_compile:
                 return step_lib.device_step(None, variables, grads, slots, hypers, decayed,
                                             finite, apply_now, seeds, options, chains)
@@ -922,6 +929,30 @@ class Lion(keras_optimizer.Optimizer):
                                        apply_now, seeds, options)
 
         return update_fn, weight_decay
+
+    def _average_clip(self):
+        """With accumulation, how the applied average is clipped (`step.clip_average`)."""
+        if not self._accumulating:
+            return None
+        if self.clipnorm:  # the precedence of tf-keras's `_clip_gradients`
+            return ("norm", float(self.clipnorm))
+        if self.global_clipnorm:
+            return ("global", float(self.global_clipnorm))
+        if self.clipvalue:
+            return ("value", float(self.clipvalue))
+        return None
+
+    def _global_clip_scale(self, distribution, accumulators, grads, apply_now):
+        """`global_clipnorm`'s factor for this step's averages (1 on calls that do not apply)."""
+        if distribution is not None:
+            accumulators = [step_lib.first_local(distribution, a) for a in accumulators]
+            grads = [step_lib.first_local(distribution, g) for g in grads]
+        return tf.cond(
+            apply_now,
+            lambda: step_lib.global_clip_scale(accumulators, grads,
+                                               self.gradient_accumulation_steps,
+                                               float(self.global_clipnorm)),
+            lambda: tf.constant(1.0))
 
     def _variable_args(self, var, weight_decay, step):
         """`(slots, weight_decay or None, seed or None)` of one variable for `update_fn`."""
@@ -963,14 +994,20 @@ class Lion(keras_optimizer.Optimizer):
             groups = step_lib.fusion_groups(variables)  # they share the device(s)
         else:  # one call, which packs the small variables (`step.packs`)
             groups = [list(range(len(variables)))] if variables else []
+        clip_scale = None
+        if self._average_clip() is not None and self._average_clip()[0] == "global":
+            apply_now = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
+            clip_scale = self._global_clip_scale(
+                distribution, [slots["accumulator"] for _, slots, _, _ in per_variable],
+                [grad for grad, _ in grads_and_vars], apply_now)
         # Nothing changes before every sparse gradient's indices are checked.
         with tf.control_dependencies(_index_checks(distribution, grads_and_vars, variables)):
             for group in groups:
                 grads, slots, wds, seeds = (list(x) for x in zip(*[per_variable[i] for i in group]))
                 members = [variables[i] for i in group]
                 distribution.extended.update(
-                    members[0], update_fn, args=(members, grads, slots, wds, finite, seeds),
-                    group=False)
+                    members[0], update_fn,
+                    args=(members, grads, slots, wds, finite, seeds, clip_scale), group=False)
             # Cross-replica from here: one value for the counters.
             finite = step_lib.first_local(distribution, finite)
             if self.use_ema and self.ema_overwrite_frequency:

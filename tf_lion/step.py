@@ -77,17 +77,21 @@ def variable_step(variable, gradient, slots, hypers, finite, apply_now, seed, op
     Args:
       variable, gradient: the variable and its (aggregated) gradient.
       slots: dict with "m" and, when in use, "average", "accumulator", "touched".
-      hypers: (lr, beta_1, beta_2, weight_decay or None, ema_momentum).
+      hypers: (lr, beta_1, beta_2, weight_decay or None, ema_momentum,
+        clip_scale): `clip_scale` is None, or (accumulation with
+        `global_clipnorm`) the factor that clips this step's averages.
       finite: None, or a boolean scalar: False skips the step entirely.
       apply_now: None, or (with accumulation) True on the calls that apply.
       seed: None, or the stochastic-rounding seed of this variable and step.
-      options: (sparse_mode, accumulation_steps or None, momentum_first), plain
-        Python.
+      options: (sparse_mode, accumulation_steps or None, momentum_first,
+        clip), plain Python; `clip` is None or, with accumulation, `("norm",
+        c)`, `("value", c)` or `("global", c)`: the average is clipped when
+        it is applied (`clip_average`), not each call's gradient.
 
     All branches are `tf.cond`s on tensors, so the step compiles with XLA.
     """
-    sparse_mode, accumulation_steps, momentum_first = options
-    lr, beta_1, beta_2, weight_decay, ema_momentum = hypers
+    sparse_mode, accumulation_steps, momentum_first, clip = options
+    lr, beta_1, beta_2, weight_decay, ema_momentum, clip_scale = hypers
     momentum, average = slots["m"], slots.get("average")
 
     def apply(grad, mask=None):
@@ -105,6 +109,7 @@ def variable_step(variable, gradient, slots, hypers, finite, apply_now, seed, op
 
     def apply_accumulated():
         grad = accumulator.read_value() / tf.cast(accumulation_steps, accumulator.dtype)
+        grad = clip_average(grad, clip, clip_scale)
         mask = None if touched is None else touched.read_value()
         op = apply(grad, mask)
         with tf.control_dependencies([op]):
@@ -117,6 +122,50 @@ def variable_step(variable, gradient, slots, hypers, finite, apply_now, seed, op
     with tf.control_dependencies([added]):
         condition = apply_now if finite is None else tf.logical_and(apply_now, finite)
         return when(condition, apply_accumulated)
+
+
+def clip_average(grad, clip, clip_scale=None):
+    """Clips an accumulated average as tf-keras clips a gradient.
+
+    `("norm", c)`: `tf.clip_by_norm`; `("value", c)`: `tf.clip_by_value`;
+    `("global", c)`: times `clip_scale`, the factor `tf.clip_by_global_norm`
+    takes for all averages of the step (`global_clip_scale`).
+    """
+    if clip is None:
+        return grad
+    kind, value = clip
+    if kind == "norm":
+        return tf.clip_by_norm(grad, value)
+    if kind == "value":
+        return tf.clip_by_value(grad, -value, value)
+    return grad * tf.cast(clip_scale, grad.dtype)
+
+
+def global_clip_scale(accumulators, grads, accumulation_steps, clip_norm):
+    """`tf.clip_by_global_norm`'s factor for the averages `(accumulator + grad) / N`.
+
+    Computed on an applying call before this call's gradients are added: a
+    sparse gradient's rows are summed (`update.deduplicate_indices`) and
+    only the rows it names are gathered, never a table-sized temporary.
+    """
+    n = float(accumulation_steps)
+    squares = []
+    for accumulator, grad in zip(accumulators, grads):
+        total = tf.cast(accumulator, tf.float32)
+        if isinstance(grad, tf.IndexedSlices):
+            indices, summed = update_lib.deduplicate_indices(grad.indices, grad.values)
+            first = tf.concat([tf.ones([1], tf.bool)[:tf.size(indices)],
+                               tf.not_equal(indices[1:], indices[:-1])], axis=0)
+            rows = tf.gather(total, indices)
+            new_rows = rows + tf.cast(summed, tf.float32)
+            change = tf.reduce_sum(tf.square(new_rows / n) - tf.square(rows / n), axis=list(
+                range(1, new_rows.shape.rank)))
+            squares.append(tf.reduce_sum(tf.square(total / n))
+                           + tf.reduce_sum(tf.where(first, change, tf.zeros_like(change))))
+        else:
+            squares.append(tf.reduce_sum(tf.square((total + tf.cast(grad, tf.float32)) / n)))
+    norm = tf.sqrt(tf.add_n(squares))
+    return clip_norm * tf.minimum(1.0 / norm, 1.0 / clip_norm)
 
 
 def unscale(grad, factor):
@@ -196,7 +245,7 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
     orders the updates of the others.
     """
     del key
-    lr, beta_1, beta_2, weight_decay, ema_momentum = hypers
+    lr, beta_1, beta_2, weight_decay, ema_momentum, clip_scale = hypers
     momentum_first = options[2]
     packed = set()
     for members in packs(variables, grads, slots, decayed, seeds, options):
@@ -209,7 +258,8 @@ def device_step(key, variables, grads, slots, hypers, decayed, finite, apply_now
             zip(variables, grads, slots, decayed, seeds)):
         if i in packed:
             continue
-        var_hypers = (lr, beta_1, beta_2, weight_decay if decay else None, ema_momentum)
+        var_hypers = (lr, beta_1, beta_2, weight_decay if decay else None, ema_momentum,
+                      clip_scale)
 
         def step(var=var, grad=grad, var_slots=var_slots, var_hypers=var_hypers, seed=seed):
             return variable_step(var, grad, var_slots, var_hypers, finite, apply_now, seed,
