@@ -994,8 +994,8 @@ class Lion(keras_optimizer.Optimizer):
             groups = step_lib.fusion_groups(variables)  # they share the device(s)
         else:  # one call, which packs the small variables (`step.packs`)
             groups = [list(range(len(variables)))] if variables else []
-        clip_scale = None
-        if self._average_clip() is not None and self._average_clip()[0] == "global":
+        clip, clip_scale = self._average_clip(), None
+        if clip is not None and clip[0] == "global":
             apply_now = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
             clip_scale = self._global_clip_scale(
                 distribution, [slots["accumulator"] for _, slots, _, _ in per_variable],
