@@ -417,9 +417,9 @@ def test_cli_inspect_lists_momenta(tmp_path):
     assert result.returncode == 1 and "error: No checkpoint at" in result.stderr
 
 
-def test_cli_converts_with_model_fn(tmp_path):
-    path, _, keras_opt = write_tf_keras_checkpoint(tmp_path / "src")
-    (tmp_path / "mig_models.py").write_text(textwrap.dedent("""\
+def write_model_module(directory, extra=""):
+    """`mig_models.py` in `directory`: `build()` returns `dense_model()`'s architecture."""
+    (directory / "mig_models.py").write_text(textwrap.dedent("""\
         import tf_keras
 
         def build():
@@ -428,10 +428,15 @@ def test_cli_converts_with_model_fn(tmp_path):
                 tf_keras.layers.Dense(8, activation="tanh", input_shape=(5,)),
                 tf_keras.layers.Dense(3),
             ])
+    """) + textwrap.dedent(extra))
 
+
+def test_cli_converts_with_model_fn(tmp_path):
+    path, _, keras_opt = write_tf_keras_checkpoint(tmp_path / "src")
+    write_model_module(tmp_path, """
         def wrong():
             return tf_keras.Sequential([tf_keras.layers.Dense(3, input_shape=(5,))])
-    """))
+    """)
     dst = tmp_path / "dst" / "ckpt"
     result = run_cli(path, dst, "--model_fn", "mig_models:build", pythonpath=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -458,16 +463,7 @@ def test_cli_writes_no_learning_rate_when_the_source_has_none(tmp_path):
     keras_opt = tf_keras.optimizers.Lion(learning_rate=schedule)
     train(model, keras_opt, dense_batch, 3)
     path = tf.train.Checkpoint(model=model, optimizer=keras_opt).save(str(tmp_path / "src" / "c"))
-    (tmp_path / "mig_models.py").write_text(textwrap.dedent("""\
-        import tf_keras
-
-        def build():
-            tf_keras.utils.set_random_seed(7)
-            return tf_keras.Sequential([
-                tf_keras.layers.Dense(8, activation="tanh", input_shape=(5,)),
-                tf_keras.layers.Dense(3),
-            ])
-    """))
+    write_model_module(tmp_path)
     dst = tmp_path / "dst" / "ckpt"
     result = run_cli(path, dst, "--model_fn", "mig_models:build", pythonpath=tmp_path)
     assert result.returncode == 0, result.stderr
