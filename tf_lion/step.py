@@ -154,8 +154,7 @@ def global_clip_scale(accumulators, grads, accumulation_steps, clip_norm):
         total = tf.cast(accumulator, tf.float32)
         if isinstance(grad, tf.IndexedSlices):
             indices, summed = update_lib.deduplicate_indices(grad.indices, grad.values)
-            first = tf.concat([tf.ones([1], tf.bool)[:tf.size(indices)],
-                               tf.not_equal(indices[1:], indices[:-1])], axis=0)
+            first = update_lib.first_of_each_index(indices)
             rows = tf.gather(total, indices)
             new_rows = rows + tf.cast(summed, tf.float32)
             change = tf.reduce_sum(tf.square(new_rows / n) - tf.square(rows / n), axis=list(

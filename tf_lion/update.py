@@ -47,6 +47,7 @@ __all__ = [
     "dense_update",
     "packed_dense_update",
     "deduplicate_indices",
+    "first_of_each_index",
     "exact_sparse_update",
     "lazy_sparse_update",
     "ema_update",
@@ -428,6 +429,12 @@ def accumulate(accumulator, gradient, touched=None):
     return tf.group(*ops)
 
 
+def first_of_each_index(sorted_indices):
+    """True at the first position of each run of equal (sorted) indices."""
+    return tf.concat([tf.ones_like(sorted_indices[:1], dtype=tf.bool),
+                      tf.not_equal(sorted_indices[1:], sorted_indices[:-1])], axis=0)
+
+
 def deduplicate_indices(indices, values):
     """Sums the rows of `values` that share an index, with static shapes.
 
@@ -447,11 +454,7 @@ def deduplicate_indices(indices, values):
     """
     order = tf.argsort(indices, stable=True)
     sorted_indices = tf.gather(indices, order)
-    is_first = tf.concat(
-        [tf.ones_like(sorted_indices[:1], dtype=tf.bool),
-         tf.not_equal(sorted_indices[1:], sorted_indices[:-1])],
-        axis=0,
-    )
+    is_first = first_of_each_index(sorted_indices)
     segment = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
     summed = tf.math.unsorted_segment_sum(
         tf.gather(values, order), segment, num_segments=tf.size(indices)
@@ -490,8 +493,7 @@ def _round_rows(rows, dtype, seed, salt, sorted_indices):
     if tf.as_dtype(dtype) not in _LOW_PRECISION:
         return _cast(rows, dtype)
     positions = tf.range(tf.size(sorted_indices))
-    is_first = tf.concat([tf.ones([1], tf.bool)[:tf.size(sorted_indices)],
-                          tf.not_equal(sorted_indices[1:], sorted_indices[:-1])], axis=0)
+    is_first = first_of_each_index(sorted_indices)
     segment = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
     first = tf.gather(tf.math.unsorted_segment_min(positions, segment, tf.size(sorted_indices)),
                       segment)
