@@ -106,3 +106,50 @@ def test_ema_overwrite_frequency_counts_applied_steps_under_accumulation():
     np.testing.assert_array_equal(seen[3][0], seen[3][1])
     np.testing.assert_allclose(seen[3][0], [0.875, -0.875], rtol=1e-6)
     np.testing.assert_array_equal(seen[4][0], seen[3][0])  # call 5 only accumulates
+
+
+def test_finalize_outside_the_strategy_scope_writes_every_replica():
+    """A custom loop calls `finalize_variable_values` after training, outside the scope."""
+    fresh_collective_keys()
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    params, opt = _train(mirrored, dict(sparse_mode="exact"), ep.batches(3, B))
+    averages = [[v.numpy() for v in opt.get_slot(p, "average").values] for p in params]
+    assert not all(np.array_equal(p.values[0].numpy(), a[0]) for p, a in zip(params, averages))
+    opt.finalize_variable_values(params)
+    for p, replicas in zip(params, averages):
+        for value, average in zip(p.values, replicas):
+            np.testing.assert_array_equal(value.numpy(), average)
+
+
+def test_finalize_names_a_variable_without_an_average():
+    var, stranger = tf.Variable([1.0, 2.0], name="seen"), tf.Variable([3.0], name="stranger")
+    opt = _optimizer()
+    opt.apply_gradients([(tf.constant([1.0, 1.0]), var)])
+    before = var.numpy()
+    assert not np.array_equal(before, opt.get_slot(var, "average").numpy())
+    with pytest.raises(KeyError, match="stranger"):
+        opt.finalize_variable_values([var, stranger])
+    np.testing.assert_array_equal(var.numpy(), before)  # nothing overwritten
+    np.testing.assert_array_equal(stranger.numpy(), [3.0])
+
+
+def test_finalize_and_exclusion_take_a_partitioned_variable_as_its_shards():
+    """A `ShardedVariable` (ParameterServerStrategy) stands for all its shards."""
+    from tensorflow.python.distribute import sharded_variable
+    shards = [tf.Variable([[1.0, 1.0]], name="table/part_0"),
+              tf.Variable([[1.0, 1.0], [1.0, 1.0]], name="table/part_1")]
+    table = sharded_variable.ShardedVariable(shards)
+    other = tf.Variable([1.0], name="other")
+    opt = _optimizer()  # weight_decay 0.1, learning rate 0.01
+    opt.exclude_from_weight_decay(var_list=[table])
+    opt.apply_gradients(zip([tf.zeros([1, 2]), tf.zeros([2, 2]), tf.zeros([1])],
+                            shards + [other]))
+    for shard in shards:  # zero gradient and no decay: unchanged
+        np.testing.assert_array_equal(shard.numpy(), np.ones(shard.shape))
+    # Decayed (the rounding of lr * wd * theta depends on the order of the product).
+    np.testing.assert_allclose(other.numpy(), [1 - 0.01 * 0.1], rtol=1e-6)
+    for shard in shards:
+        opt.get_slot(shard, "average").assign(tf.fill(shard.shape, 5.0))
+    opt.finalize_variable_values([table])
+    for shard in shards:
+        np.testing.assert_array_equal(shard.numpy(), np.full(shard.shape, 5.0))

@@ -36,6 +36,57 @@ def test_config_with_schedule_and_callables():
     assert clone._learning_rate.get_config() == schedule.get_config()
 
 
+def test_weight_decay_exclusions_by_name_survive_config_and_keras_file(tmp_path):
+    """`exclude_from_weight_decay(var_names=...)` is in the config, so a model
+    resumed from a `.keras` file keeps excluding (tf-keras's optimizers lose it)."""
+    opt = tf_lion.Lion(learning_rate=0.01, weight_decay=10.0)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    config = opt.get_config()
+    assert config["exclude_from_weight_decay_names"] == ["bias"]
+    assert tf_lion.Lion.from_config(config).get_config() == config
+    assert "exclude_from_weight_decay_names" not in tf_lion.Lion().get_config()
+
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((8, 1)).astype(np.float32)
+
+    def train(resume):
+        tf_keras.utils.set_random_seed(0)
+        model = tf_keras.Sequential(
+            [tf_keras.layers.Dense(1, input_shape=(4,), bias_initializer="ones")])
+        lion = tf_lion.Lion(learning_rate=0.01, weight_decay=10.0, jit_compile=False)
+        lion.exclude_from_weight_decay(var_names=["bias"])
+        model.compile(optimizer=lion, loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        if resume:
+            model.save(tmp_path / "m.keras")
+            model = tf_keras.models.load_model(tmp_path / "m.keras")
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        return [w.numpy() for w in model.weights]
+
+    for uninterrupted, resumed in zip(train(False), train(True)):
+        np.testing.assert_array_equal(resumed, uninterrupted)
+
+
+def test_learning_rate_scheduler_callback_reaches_the_traced_step():
+    """`LearningRateScheduler` assigns `optimizer.lr` between epochs of one `fit`."""
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((16, 1)).astype(np.float32)
+    tf_keras.utils.set_random_seed(0)
+    model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(4,))])
+    model.compile(optimizer=tf_lion.Lion(learning_rate=0.01), loss="mse")
+    seen = []
+    record = tf_keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append([w.numpy() for w in model.weights]))
+    zero_after_two = tf_keras.callbacks.LearningRateScheduler(
+        lambda epoch, lr: 0.01 if epoch < 2 else 0.0)
+    model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[zero_after_two, record])
+    assert not np.array_equal(seen[0][0], seen[1][0])  # epoch 2 at 0.01 moved the kernel
+    for epoch in (2, 3):  # epochs 3 and 4 at 0: nothing moves (no weight decay)
+        for now, before in zip(seen[epoch], seen[1]):
+            np.testing.assert_array_equal(now, before)
+    assert float(model.optimizer.learning_rate) == 0.0
+
+
 def test_serialize_deserialize():
     opt = tf_lion.Lion(learning_rate=2e-4, weight_decay=0.1, sparse_mode="lazy")
     restored = tf_keras.optimizers.deserialize(tf_keras.optimizers.serialize(opt))

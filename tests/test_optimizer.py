@@ -1,5 +1,7 @@
 """tf_lion.Lion's Keras contract and numbers, against the numpy reference and tf-keras Lion."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -115,6 +117,26 @@ def test_learning_rate_setter_and_property():
     sched = tf_lion.Lion(learning_rate=tf_keras.optimizers.schedules.PolynomialDecay(0.1, 10))
     with pytest.raises(TypeError):
         sched.learning_rate = 0.1
+
+
+@pytest.mark.parametrize("new_rate", ["variable", "callable"])
+def test_learning_rate_replaced_after_tracing_warns(new_rate):
+    """A float assigned after tracing reaches the traced step; a new object
+    cannot (the trace holds the old one), and the setter says so."""
+    var = tf.Variable([0.0])
+    opt = tf_lion.Lion(learning_rate=0.1, beta_1=0.5)
+    step = tf.function(lambda: opt.apply_gradients([(tf.constant([-1.0]), var)]))
+    step()
+    opt.learning_rate = 0.25  # assigned into the optimizer's variable
+    step()
+    np.testing.assert_allclose(var.numpy(), [0.35], rtol=1e-6)  # 0.1 + 0.25 (float32 sums)
+    replacement = tf.Variable(0.5) if new_rate == "variable" else (lambda: 0.5)
+    with pytest.warns(UserWarning, match="traced .* keep using the previous one"):
+        opt.learning_rate = replacement
+    unbuilt = tf_lion.Lion(learning_rate=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unbuilt.learning_rate = replacement  # nothing traced yet: no warning
 
 
 def test_exclude_from_weight_decay(rng):

@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 import tf_lion
+
+
+_SCHEDULE = tf_keras.optimizers.schedules.ExponentialDecay(0.9, 10, 0.5)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -22,6 +26,17 @@ import tf_lion
     (dict(sparse_mode="dense"), r"sparse_mode.*dense"),
     (dict(momentum_dtype="int32"), r"momentum_dtype.*int32"),
     (dict(momentum_dtype="float12"), r"momentum_dtype.*float12"),
+    (dict(learning_rate=float("inf")), r"learning_rate.*inf"),
+    (dict(weight_decay=float("inf")), r"weight_decay.*inf"),
+    (dict(jit_compile="false"), r"jit_compile.*'false'"),
+    (dict(use_ema="no"), r"use_ema.*'no'"),
+    (dict(clipnorm=-1.0), r"clipnorm.*-1\.0"),
+    (dict(clipvalue=0.0), r"clipvalue.*0\.0"),
+    (dict(global_clipnorm=-1.0), r"global_clipnorm.*-1\.0"),
+    (dict(clipnorm=float("nan")), r"clipnorm.*nan"),
+    (dict(beta_1=_SCHEDULE), r"beta_1.*LearningRateSchedule"),
+    (dict(beta_2=_SCHEDULE), r"beta_2.*LearningRateSchedule"),
+    (dict(weight_decay=_SCHEDULE), r"weight_decay.*LearningRateSchedule"),
 ])
 def test_invalid_hyperparameters_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -34,6 +49,20 @@ def test_valid_edge_values_are_accepted():
     tf_lion.Lion(beta_1=lambda: 0.5, beta_2=tf.Variable(0.9), learning_rate=lambda: 1e-3)
     for dtype in ["float16", "bfloat16", "float32", "float64", tf.bfloat16]:
         tf_lion.Lion(momentum_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float16, tf.bfloat16])
+def test_learning_rate_tensor_of_any_float_dtype(dtype):
+    """A float64 tensor keeps its precision (a float64 variable); others become float32."""
+    opt = tf_lion.Lion(learning_rate=tf.constant(0.5, dtype))
+    expected = tf.float64 if dtype == tf.float64 else tf.float32
+    assert opt.learning_rate.dtype == expected
+    var = tf.Variable([1.0, -1.0])
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), [0.5, -0.5])
+    opt.learning_rate = tf.constant(0.25, tf.float64)  # assigned into its variable
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), [0.25, -0.25])
 
 
 def test_integer_variable_is_rejected_by_name():

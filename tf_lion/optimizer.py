@@ -40,9 +40,15 @@ def _is_plain_callable(value):
 def _check_hyperparameter(name, value, low, high=None):
     """ValueError naming `name` unless `value` is in [low, high].
 
-    Callables and schedules are evaluated at every step and are not checked
-    here; symbolic tensors cannot be read at construction and are not either.
+    Callables and learning-rate schedules are evaluated at every step and are
+    not checked here; symbolic tensors cannot be read at construction and are
+    not either. Only `learning_rate` may be a schedule.
     """
+    if isinstance(value, _Schedule) and name != "learning_rate":
+        raise ValueError(
+            f"`{name}` cannot be a `LearningRateSchedule` (only `learning_rate` can); pass a "
+            f"float, a scalar tensor or variable, or a zero-argument callable. "
+            f"Received: {name}={value!r}")
     if _is_plain_callable(value) or isinstance(value, _Schedule):
         return
     if isinstance(value, (tf.Variable, tf.Tensor)):
@@ -59,8 +65,9 @@ def _check_hyperparameter(name, value, low, high=None):
             f"Received: {name}={value!r}"
         ) from None
     upper = "" if high is None else f" and <= {high}"
-    if not (number >= low and (high is None or number <= high)):
-        raise ValueError(f"`{name}` must be >= {low}{upper}. Received: {name}={value!r}")
+    if not (np.isfinite(number) and number >= low and (high is None or number <= high)):
+        raise ValueError(
+            f"`{name}` must be finite, >= {low}{upper}. Received: {name}={value!r}")
 
 
 def _python_number(value):
@@ -86,6 +93,15 @@ def _as_momentum_dtype(momentum_dtype):
 def _true_dtype(variable):
     """A variable's storage dtype (mixed-precision AutoCastVariables report their cast one)."""
     return tf.as_dtype(getattr(variable, "true_dtype", variable.dtype))
+
+
+def _shards(variables):
+    """`variables` with each `ShardedVariable` replaced by its shards, unwrapped."""
+    for variable in variables:
+        if isinstance(variable, sharded_variable.ShardedVariable):
+            yield from (_unwrap(shard) for shard in variable.variables)
+        else:
+            yield _unwrap(variable)
 
 
 def _unwrap(variable):
@@ -218,8 +234,14 @@ def _check_gradient(grad, variable):
 
 
 def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stochastic_rounding,
-                   seed):
+                   seed, jit_compile=True, use_ema=False, clipping=()):
     """ValueError naming the argument for invalid step options."""
+    for name, value in clipping:
+        if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not np.isfinite(value) or value <= 0):
+            raise ValueError(
+                f"`{name}` must be None or a finite float > 0. Received: {name}={value!r}")
     if accumulation_steps is not None and (
             isinstance(accumulation_steps, bool)
             or not isinstance(accumulation_steps, numbers.Integral)
@@ -234,7 +256,8 @@ def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stocha
             "`loss_scale_factor` must be None or a finite float > 0. Received: "
             f"loss_scale_factor={loss_scale_factor!r}")
     for name, value in (("skip_nonfinite", skip_nonfinite),
-                        ("stochastic_rounding", stochastic_rounding)):
+                        ("stochastic_rounding", stochastic_rounding),
+                        ("jit_compile", jit_compile), ("use_ema", use_ema)):
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -320,7 +343,9 @@ class Lion(keras_optimizer.Optimizer):
             )
         self._momentum_dtype = _as_momentum_dtype(momentum_dtype)
         _check_options(gradient_accumulation_steps, loss_scale_factor, skip_nonfinite,
-                       stochastic_rounding, seed)
+                       stochastic_rounding, seed, jit_compile, use_ema,
+                       clipping=(("clipnorm", clipnorm), ("clipvalue", clipvalue),
+                                 ("global_clipnorm", global_clipnorm)))
         super().__init__(
             name=name,
             weight_decay=weight_decay,
@@ -438,6 +463,13 @@ class Lion(keras_optimizer.Optimizer):
                 current, name="current_learning_rate", dtype=current.dtype, trainable=False,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             return learning_rate
+        if tf.is_tensor(learning_rate) and learning_rate.dtype != tf_keras.backend.floatx():
+            # tf-keras makes a floatx variable, which rejects other dtypes: a
+            # float64 tensor keeps its precision, any other is cast.
+            dtype = tf.float64 if learning_rate.dtype == tf.float64 else tf_keras.backend.floatx()
+            with tf.init_scope():
+                return tf.Variable(tf.cast(learning_rate, dtype), name="learning_rate",
+                                   dtype=dtype, trainable=False)
         return super()._build_learning_rate(learning_rate)
 
     @property
@@ -460,9 +492,18 @@ class Lion(keras_optimizer.Optimizer):
         current = self._learning_rate
         if (isinstance(current, tf.Variable) and not isinstance(learning_rate, tf.Variable)
                 and not callable(learning_rate)):
-            current.assign(learning_rate)
-        else:
-            self._learning_rate = self._build_learning_rate(learning_rate)
+            current.assign(tf.cast(learning_rate, current.dtype))
+            return
+        if getattr(self, "_built", False) and learning_rate is not current:
+            warnings.warn(
+                f"Optimizer '{self.name}': the learning rate is now a new "
+                f"{type(learning_rate).__name__}. Steps already traced by a `tf.function` "
+                "(including `fit`'s) keep using the previous one until they are traced "
+                "again. To change the rate of a traced step, assign to the learning-rate "
+                "variable (`optimizer.learning_rate = 0.01` does that when the rate is a "
+                "float, tensor or tf.Variable) or create the optimizer with a variable, "
+                "callable or schedule that reads it.", stacklevel=2)
+        self._learning_rate = self._build_learning_rate(learning_rate)
 
     @staticmethod
     def _resolve(value):
@@ -545,6 +586,12 @@ class Lion(keras_optimizer.Optimizer):
     def _uses_row_mask(self, var):
         """Lazy accumulation remembers which rows received gradients."""
         return self._accumulating and self.sparse_mode == "lazy" and var.shape.rank >= 1
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """As tf-keras's; a partitioned `ShardedVariable` stands for all its shards."""
+        if var_list:
+            var_list = list(_shards(var_list))
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     def get_slot(self, var, slot_name):
         """The slot `slot_name` of variable `var` (one of `get_slot_names()`)."""
@@ -1036,12 +1083,18 @@ class Lion(keras_optimizer.Optimizer):
                 step_lib.no_op)
 
     def _overwrite_model_variables_with_average_value(self, var_list):
-        strategy = tf.distribute.get_strategy()
-        for var in var_list:
-            var = _unwrap(var)
-            strategy.extended.update(
-                var, lambda v, a: v.assign(a), args=(self._slots.get(var, "average"),)
-            )
+        # The optimizer's own strategy: `finalize_variable_values` may be called
+        # outside its scope, as tf-keras allows.
+        # Every variable is checked before any is overwritten.
+        strategy = self._distribution_strategy
+        pairs = [(var, self._slots.get(var, "average")) for var in _shards(var_list)]
+        for var, average in pairs:
+            if average is None:
+                raise KeyError(
+                    f"Optimizer '{self.name}' has no moving average of variable "
+                    f"'{var.name}': it was never built or updated by this optimizer.")
+        for var, average in pairs:
+            strategy.extended.update(var, lambda v, a: v.assign(a), args=(average,))
 
     # ------------------------------------------------------------------ #
     # Config
@@ -1068,7 +1121,20 @@ class Lion(keras_optimizer.Optimizer):
             stochastic_rounding=self.stochastic_rounding,
             seed=self.seed,
         )
+        names = list(getattr(self, "_exclude_from_weight_decay_names", None) or [])
+        if names:  # `var_list` exclusions are variables: they cannot be written here
+            config["exclude_from_weight_decay_names"] = names
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """As tf-keras's; also restores `exclude_from_weight_decay(var_names=...)`."""
+        config = dict(config)
+        names = config.pop("exclude_from_weight_decay_names", None)
+        optimizer = super().from_config(config, custom_objects=custom_objects)
+        if names:
+            optimizer.exclude_from_weight_decay(var_names=names)
+        return optimizer
 
 
 keras_compat.register_saved_model_type(Lion)  # a SavedModel of a trained model loads
