@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tf_lion", "tf_lion.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # tf-keras must match TensorFlow's minor version; tested with 2.21.
     install_requires=[
         "tensorflow>=2.21,<2.22",
