@@ -14,6 +14,7 @@ by the first test; each test waits for the runs it checks.
 """
 
 import concurrent.futures
+import json
 import math
 import os
 import re
@@ -182,6 +183,42 @@ def _job_keras_fit(model_dir):
     return _run("keras_fit.py", [*KERAS_FIT_FLAGS, f"--model_dir={model_dir}"])
 
 
+_PS_STREAMS_SCRIPT = """
+import json, sys
+import tensorflow as tf
+from absl import flags
+from tpu_examples import train_recommender as tr
+flags.FLAGS(["x", "--num_users=2000", "--num_items=500", "--clusters=4"])
+tf.random.set_seed(0)  # as main() does: must not make the workers' streams alike
+resolver, servers = tr.start_local_ps_cluster(2, 1)
+coordinator = tf.distribute.coordinator.ClusterCoordinator(
+    tf.distribute.ParameterServerStrategy(resolver))
+iterator = iter(coordinator.create_per_worker_dataset(tr.ps_training_dataset_fn(4, 10, 7)))
+
+@tf.function
+def read(iterator):
+    return (tf.distribute.coordinator.experimental_get_current_worker_index(),
+            next(iterator)[0]["user"])
+
+values = [coordinator.schedule(read, args=(iterator,)) for _ in range(16)]
+coordinator.join()
+expected = [[b[0]["user"].numpy().tolist() for b in tr.synthetic_batches(4, 10 + 1 + w).take(30)]
+            for w in range(2)]
+read = [(int(w), u.tolist()) for w, u in (v.fetch() for v in values)]
+print(json.dumps(dict(read=read, expected=expected)))
+"""
+
+
+def _job_ps_streams(model_dir):
+    """Two workers read the per-worker training dataset of train_recommender.py."""
+    del model_dir
+    proc = subprocess.run([sys.executable, "-c", _PS_STREAMS_SCRIPT], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    if proc.returncode != 0:
+        raise ExampleFailed(f"exit {proc.returncode}\n{proc.stdout}\n{_errors(proc.stderr)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # Longest first, so the two threads finish at about the same time.
 _JOBS = {
     "lm": (_job_lm, {"test_train_lm_killed_between_checkpoints_resumes_exactly"}),
@@ -191,6 +228,8 @@ _JOBS = {
     "keras_fit": (_job_keras_fit, {"test_keras_fit_with_backup_and_restore_learns"}),
     "recommender_mirrored": (_job_recommender_mirrored,
                              {"test_recommender_mirrored_lazy_lion_learns"}),
+    "ps_streams": (_job_ps_streams,
+                   {"test_recommender_parameter_server_workers_read_their_own_streams"}),
 }
 
 
@@ -294,6 +333,11 @@ def test_train_lm_tfrecord_input_format(tmp_path):
     windows = [row for batch in ds.take(6) for row in batch.numpy().tolist()]
     assert windows == [stream[i:i + 5] for i in range(0, 60, 5)], windows
 
+    # More input pipelines (hosts) than files: one would read nothing.
+    two_hosts = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1)
+    with pytest.raises(ValueError, match=r"--data=.*1 file\(s\), fewer than the 2"):
+        train_lm.tfrecord_batches(str(tmp_path / "part-*.tfrecord"), 2, 5, 300, two_hosts, None)
+
     _write_token_records(tmp_path / "bad.tfrecord", [[1, 2, 999]])
     with pytest.raises(tf.errors.InvalidArgumentError, match="vocab"):
         next(iter(train_lm.tfrecord_batches(str(tmp_path / "bad.tfrecord"), 1, 2, 300,
@@ -364,3 +408,19 @@ def test_recommender_parameter_server_restores_sharded_momentum(jobs):
         f"{RECOMMENDER_STEPS}, {restored} after restoring that checkpoint under "
         f"ParameterServerStrategy")
     assert re.search(rf"^final_loss [\d.]+ step {RECOMMENDER_STEPS + 20}$", second, re.MULTILINE)
+
+
+def test_recommender_parameter_server_workers_read_their_own_streams(jobs):
+    """Under a global seed (as the script sets), each worker reads the stream of
+    its own index from the given batch on: no two workers read the same batches,
+    and a resumed run (first batch = restored step) does not read them again."""
+    result, _ = _result(jobs, "ps_streams")
+    expected, by_worker = result["expected"], {}
+    assert expected[0][:10] != expected[1][:10]
+    for worker, users in result["read"]:
+        by_worker.setdefault(worker, []).append(users)
+    assert set(by_worker) <= {0, 1} and sum(map(len, by_worker.values())) == 16, result["read"]
+    for worker, batches in by_worker.items():
+        # A worker runs its closures one at a time: its batches are 7, 8, ... of
+        # its stream, in an order the test cannot see.
+        assert sorted(batches) == sorted(expected[worker][7:7 + len(batches)]), worker

@@ -230,7 +230,13 @@ def tfrecord_batches(pattern, batch_size, length, vocab, input_context, shuffle_
         raise ValueError(f"--data={pattern!r} matches no files")
     ds = tf.data.Dataset.from_tensor_slices(sorted(files))
     if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        pipelines = input_context.num_input_pipelines
+        if len(files) < pipelines:  # a pipeline without a file would yield nothing
+            raise ValueError(
+                f"--data={pattern!r} matches {len(files)} file(s), fewer than the {pipelines} "
+                "input pipelines (one per host): each pipeline reads whole files, so split the "
+                f"data into at least {pipelines} files")
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
     if shuffle_seed is not None:
         ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.repeat().interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE)

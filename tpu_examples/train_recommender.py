@@ -145,6 +145,21 @@ def synthetic_batches(batch_size, seed, first_batch=0):
 # --------------------------------------------------------------------------- #
 # Strategies
 # --------------------------------------------------------------------------- #
+def ps_training_dataset_fn(batch_size, seed, first_step):
+    """The `dataset_fn` of `ClusterCoordinator.create_per_worker_dataset` for training.
+
+    Worker w reads the stream of seed `seed + 1 + w` from batch `first_step` on
+    (w from `experimental_get_current_worker_index`, in the function each worker
+    runs). A resumed run passes the restored step count, which counts the steps
+    of all workers: each worker starts past every batch it read before.
+    """
+    def dataset_fn():
+        worker = tf.cast(tf.distribute.coordinator.experimental_get_current_worker_index(),
+                         tf.int64)
+        return synthetic_batches(batch_size, seed + 1 + worker, first_step)
+    return dataset_fn
+
+
 def start_local_ps_cluster(num_workers, num_ps):
     """Starts in-process worker and ps servers on 127.0.0.1; returns (resolver, servers).
 
@@ -269,20 +284,17 @@ def main(argv):
     if kind == "ps":
         coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
 
-        def worker_dataset(seed_offset, random_start):
-            def dataset_fn():
-                # Training: each worker starts at its own random point of the stream
-                # (workers cannot tell their index here). Eval: the fixed batches 0, 1, ...
-                first = tf.random.uniform([], maxval=2**40, dtype=tf.int64) if random_start else 0
-                return synthetic_batches(per_replica_batch, FLAGS.seed * 1000 + seed_offset, first)
-            return coordinator.create_per_worker_dataset(dataset_fn)
+        train_iterator = iter(coordinator.create_per_worker_dataset(
+            ps_training_dataset_fn(per_replica_batch, FLAGS.seed * 1000, start)))
 
-        train_iterator = iter(worker_dataset(0, random_start=True))
+        def worker_dataset(seed_offset):  # eval: the same fixed batches on every worker
+            return coordinator.create_per_worker_dataset(
+                lambda: synthetic_batches(per_replica_batch, FLAGS.seed * 1000 + seed_offset))
 
         def evaluate():
             # A fresh per-worker iterator: the same fixed eval batches every time.
             value = coordinator.schedule(
-                eval_loop, args=(iter(worker_dataset(500, random_start=False)),
+                eval_loop, args=(iter(worker_dataset(500)),
                                  tf.constant(FLAGS.eval_batches)))
             return float(value.fetch())
 
