@@ -85,20 +85,28 @@ have_bazel=yes
 have_npm=yes
 if ((${#apt_packages[@]})); then
     echo "== Installing with apt-get: ${apt_packages[*]}"
-    if [[ $(id -u) != 0 ]]; then
-        echo "bazel.sh: need root to apt-get install ${apt_packages[*]}" >&2
-        exit 1
+    as_root=()
+    if [[ $(id -u) != 0 ]] && sudo -n true 2>/dev/null; then
+        as_root=(sudo -n env DEBIAN_FRONTEND=noninteractive)
     fi
     export DEBIAN_FRONTEND=noninteractive
     rc=0
-    # apt-get update often exits 0 despite fetch errors, so only the install
-    # decides; both share one log so that an install failure can be traced
-    # back to an unreachable mirror.
-    apt-get update >"$tmpdir/apt.log" 2>&1 || true
-    run_install "$tmpdir/apt.log" \
-        apt-get install -y --no-install-recommends "${apt_packages[@]}" || rc=$?
+    if [[ $(id -u) != 0 && ${#as_root[@]} == 0 ]]; then
+        # Like an unreachable registry: the machine cannot install them.
+        echo "bazel.sh: SKIPPING: not root and no password-less sudo; could not install ${apt_packages[*]}." >&2
+        rc=1
+    else
+        # apt-get update often exits 0 despite fetch errors, so only the install
+        # decides; both share one log so that an install failure can be traced
+        # back to an unreachable mirror.
+        "${as_root[@]}" apt-get update >"$tmpdir/apt.log" 2>&1 || true
+        run_install "$tmpdir/apt.log" \
+            "${as_root[@]}" apt-get install -y --no-install-recommends "${apt_packages[@]}" || rc=$?
+        if ((rc != 0)); then
+            echo "bazel.sh: SKIPPING: the apt registry is unreachable; could not install ${apt_packages[*]}." >&2
+        fi
+    fi
     if ((rc != 0)); then
-        echo "bazel.sh: SKIPPING: the apt registry is unreachable; could not install ${apt_packages[*]}." >&2
         command -v bazel >/dev/null && [[ -f /usr/share/bazel/rules/java/WORKSPACE ]] || have_bazel=
         command -v npm >/dev/null || have_npm=
     fi
