@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 import exact_problem as ep
 import tf_lion
@@ -153,3 +154,36 @@ def test_finalize_and_exclusion_take_a_partitioned_variable_as_its_shards():
     opt.finalize_variable_values([table])
     for shard in shards:
         np.testing.assert_array_equal(shard.numpy(), np.full(shard.shape, 5.0))
+
+
+def test_finalize_before_any_step_of_an_optimizer_created_outside_the_scope(tmp_path):
+    """Built by `load_weights` + `build` under MirroredStrategy, never stepped (so
+    not bound to the strategy yet): finalize works in and outside the scope."""
+    fresh_collective_keys()
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x = np.arange(48, dtype=np.float32).reshape(16, 3) / 48
+    y = np.ones((16, 2), np.float32)
+    with mirrored.scope():
+        model = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+        model.compile(tf_lion.Lion(0.1, use_ema=True, ema_momentum=0.5, jit_compile=False), "mse")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    for v in model.trainable_variables:
+        v.assign(v + 1.0)  # away from the averages
+    model.save_weights(str(tmp_path / "w"))
+    averages = [model.optimizer.get_slot(v, "average").numpy() for v in model.trainable_variables]
+
+    for inside in (True, False):
+        opt = tf_lion.Lion(0.1, use_ema=True, ema_momentum=0.5, jit_compile=False)
+        with mirrored.scope():
+            fresh = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+            fresh.compile(opt, "mse")
+            fresh.load_weights(str(tmp_path / "w"))
+            opt.build(fresh.trainable_variables)
+        if inside:
+            with mirrored.scope():
+                opt.finalize_variable_values(fresh.trainable_variables)
+        else:
+            opt.finalize_variable_values(fresh.trainable_variables)
+        for v, average in zip(fresh.trainable_variables, averages):
+            for replica in v.values:
+                np.testing.assert_array_equal(replica.numpy(), average)

@@ -31,7 +31,8 @@ _SCHEDULE = tf_keras.optimizers.schedules.ExponentialDecay(0.9, 10, 0.5)
     (dict(jit_compile="false"), r"jit_compile.*'false'"),
     (dict(use_ema="no"), r"use_ema.*'no'"),
     (dict(clipnorm=-1.0), r"clipnorm.*-1\.0"),
-    (dict(clipvalue=0.0), r"clipvalue.*0\.0"),
+    (dict(clipvalue=-0.5), r"clipvalue.*-0\.5"),
+    (dict(use_ema=2), r"use_ema.*2"),
     (dict(global_clipnorm=-1.0), r"global_clipnorm.*-1\.0"),
     (dict(clipnorm=float("nan")), r"clipnorm.*nan"),
     (dict(beta_1=_SCHEDULE), r"beta_1.*LearningRateSchedule"),
@@ -41,6 +42,20 @@ _SCHEDULE = tf_keras.optimizers.schedules.ExponentialDecay(0.9, 10, 0.5)
 def test_invalid_hyperparameters_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tf_lion.Lion(**kwargs)
+
+
+def test_values_tf_keras_saves_are_accepted():
+    """tf-keras keeps `use_ema`/`jit_compile` as given and treats a clip of 0 as
+    off: configs it (or tf_lion before these checks) saved hold such values."""
+    opt = tf_lion.Lion(use_ema=1, jit_compile=0, clipnorm=0.0, clipvalue=0)
+    assert tf_lion.Lion(global_clipnorm=0.0).global_clipnorm == 0.0
+    assert opt.use_ema is True and opt.jit_compile is False
+    assert tf_lion.Lion(use_ema=None).use_ema is False
+    var = tf.Variable([1.0, -1.0])
+    opt.apply_gradients([(tf.constant([100.0, -100.0]), var)])  # not clipped to 0
+    np.testing.assert_allclose(var.numpy(), [1.0 - 1e-4, -1.0 + 1e-4], rtol=1e-7)
+    config = tf_keras.optimizers.Lion(use_ema=1, clipnorm=0.0).get_config()
+    assert tf_lion.Lion.from_config(config).use_ema is True
 
 
 def test_valid_edge_values_are_accepted():
@@ -53,10 +68,10 @@ def test_valid_edge_values_are_accepted():
 
 @pytest.mark.parametrize("dtype", [tf.float64, tf.float16, tf.bfloat16])
 def test_learning_rate_tensor_of_any_float_dtype(dtype):
-    """A float64 tensor keeps its precision (a float64 variable); others become float32."""
+    """A tensor becomes a float32 variable, as a float does (so the config, a
+    plain float, rebuilds the same variable and checkpoints restore)."""
     opt = tf_lion.Lion(learning_rate=tf.constant(0.5, dtype))
-    expected = tf.float64 if dtype == tf.float64 else tf.float32
-    assert opt.learning_rate.dtype == expected
+    assert opt.learning_rate.dtype == tf.float32
     var = tf.Variable([1.0, -1.0])
     opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])
     np.testing.assert_array_equal(var.numpy(), [0.5, -0.5])

@@ -236,12 +236,13 @@ def _check_gradient(grad, variable):
 def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stochastic_rounding,
                    seed, jit_compile=True, use_ema=False, clipping=()):
     """ValueError naming the argument for invalid step options."""
-    for name, value in clipping:
+    for name, value in clipping:  # 0 is "off", as in tf-keras
         if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Real)
-                or not np.isfinite(value) or value <= 0):
+                or np.isnan(value) or value < 0):
             raise ValueError(
-                f"`{name}` must be None or a finite float > 0. Received: {name}={value!r}")
+                f"`{name}` must be None, 0 (no clipping) or a float > 0. "
+                f"Received: {name}={value!r}")
     if accumulation_steps is not None and (
             isinstance(accumulation_steps, bool)
             or not isinstance(accumulation_steps, numbers.Integral)
@@ -256,10 +257,15 @@ def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stocha
             "`loss_scale_factor` must be None or a finite float > 0. Received: "
             f"loss_scale_factor={loss_scale_factor!r}")
     for name, value in (("skip_nonfinite", skip_nonfinite),
-                        ("stochastic_rounding", stochastic_rounding),
-                        ("jit_compile", jit_compile), ("use_ema", use_ema)):
+                        ("stochastic_rounding", stochastic_rounding)):
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    # tf-keras takes these as given (configs it saved may hold 0, 1 or None).
+    for name, value in (("jit_compile", jit_compile), ("use_ema", use_ema)):
+        if not (value is None or isinstance(value, (bool, np.bool_))
+                or (isinstance(value, numbers.Integral) and value in (0, 1))):
+            raise ValueError(
+                f"`{name}` must be True or False (or 0, 1, None). Received: {name}={value!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"`seed` must be None or an int. Received: seed={seed!r}")
 
@@ -352,7 +358,7 @@ class Lion(keras_optimizer.Optimizer):
             clipnorm=clipnorm,
             clipvalue=clipvalue,
             global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
+            use_ema=bool(use_ema),
             ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
             jit_compile=jit_compile,
@@ -464,12 +470,9 @@ class Lion(keras_optimizer.Optimizer):
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             return learning_rate
         if tf.is_tensor(learning_rate) and learning_rate.dtype != tf_keras.backend.floatx():
-            # tf-keras makes a floatx variable, which rejects other dtypes: a
-            # float64 tensor keeps its precision, any other is cast.
-            dtype = tf.float64 if learning_rate.dtype == tf.float64 else tf_keras.backend.floatx()
-            with tf.init_scope():
-                return tf.Variable(tf.cast(learning_rate, dtype), name="learning_rate",
-                                   dtype=dtype, trainable=False)
+            # tf-keras's floatx variable rejects other dtypes: cast (the config,
+            # a plain float, rebuilds the same variable).
+            learning_rate = tf.cast(learning_rate, tf_keras.backend.floatx())
         return super()._build_learning_rate(learning_rate)
 
     @property
@@ -1086,7 +1089,6 @@ class Lion(keras_optimizer.Optimizer):
         # The optimizer's own strategy: `finalize_variable_values` may be called
         # outside its scope, as tf-keras allows.
         # Every variable is checked before any is overwritten.
-        strategy = self._distribution_strategy
         pairs = [(var, self._slots.get(var, "average")) for var in _shards(var_list)]
         for var, average in pairs:
             if average is None:
@@ -1094,6 +1096,10 @@ class Lion(keras_optimizer.Optimizer):
                     f"Optimizer '{self.name}' has no moving average of variable "
                     f"'{var.name}': it was never built or updated by this optimizer.")
         for var, average in pairs:
+            # The variable's own strategy: this may run outside its scope (as
+            # tf-keras allows), or before any step has bound the optimizer.
+            strategy = (getattr(var, "_distribute_strategy", None) or self._bound_strategy
+                        or tf.distribute.get_strategy())
             strategy.extended.update(var, lambda v, a: v.assign(a), args=(average,))
 
     # ------------------------------------------------------------------ #
