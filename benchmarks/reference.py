@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
-EPS_STORE = {"float32": EPS32, "bfloat16": 2.0 ** -7}
 
 
 class CorrectnessError(AssertionError):
@@ -97,6 +96,16 @@ def lion_step(theta, m, g, lr, beta_1, beta_2, weight_decay, theta_dtype="float3
     return new_theta, new_m, c
 
 
+def store_ulp(x, dtype_name):
+    """One unit in the last place of the storage dtype at |x| (float32 arrays in)."""
+    spacing = np.spacing(np.abs(np.asarray(x, np.float32)))
+    if dtype_name == "float32":
+        return spacing
+    if dtype_name == "bfloat16":  # 7 fraction bits instead of 23
+        return spacing * np.float32(2.0 ** 16)
+    raise ValueError(f"unsupported storage dtype {dtype_name!r}")
+
+
 def _worst(name, got, want, bound, where, context, row_ids=None):
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     bad = np.flatnonzero((diff > bound).ravel() | (np.isnan(got) != np.isnan(want)).ravel())
@@ -125,8 +134,8 @@ def _check_rows(theta0, m0, g, gerr, theta1, m1, hp, theta_dtype, m_dtype, conte
     one = f32(1)
     m_terms = np.abs(b2 * m0) + np.abs((one - b2) * g)
     m_bound = 2 * EPS32 * m_terms + (one - b2) * gerr
-    if m_dtype != "float32":
-        m_bound = m_bound + EPS_STORE[m_dtype] * (np.abs(want_m) + m_terms)
+    if m_dtype != "float32":  # float32 values a few eps apart may round to neighbours
+        m_bound = m_bound + store_ulp(want_m, m_dtype)
     _worst("momentum", m1, want_m, m_bound, "", context, row_ids)
 
     # c is "within rounding of zero" where a few roundings of its terms could flip
@@ -137,7 +146,7 @@ def _check_rows(theta0, m0, g, gerr, theta1, m1, hp, theta_dtype, m_dtype, conte
     c_near_zero = (np.abs(c) <= c_bound) & (c_bound > 0)
     t_bound = 2 * EPS32 * (np.abs(theta0) + lr * (1 + wd * np.abs(theta0)))
     if theta_dtype != "float32":
-        t_bound = t_bound + EPS_STORE[theta_dtype] * (np.abs(want_theta) + np.abs(theta0))
+        t_bound = t_bound + store_ulp(want_theta, theta_dtype)
     t_bound = (np.broadcast_to(t_bound, theta0.shape)
                + np.where(c_near_zero, 2 * lr, 0).astype(np.float32))
     _worst("theta", theta1, want_theta, t_bound,

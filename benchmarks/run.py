@@ -56,6 +56,8 @@ class Scenario:
     sparse: dict = None  # {"rows", "cols", "batch", "zipf"} for an embedding table
     bytes_per_param: int = 20  # Lion's minimal traffic per parameter, for the floor
     competitors: tuple = ()
+    # Rows whose own minimal traffic differs (C: a bfloat16 momentum, 10 B/param).
+    row_bytes_per_param: dict = dataclasses.field(default_factory=dict)
     # A smaller table whose lazy step ("tf_lion_lazy_small") is timed in this
     # scenario's round-robin, so the two sizes see the same load.
     small: "Scenario" = None
@@ -116,7 +118,11 @@ def scenarios(tiny=False, quick=False):
                  competitors=_DENSE),
         Scenario("C", f"{_count(dense)} bfloat16 params in {len(dense)} variables, float32 "
                  "momentum (tf_lion m=bf16: bfloat16 momentum)", dense, dtype="bfloat16",
-                 bytes_per_param=14, competitors=_BF16),
+                 bytes_per_param=14, competitors=_BF16,
+                 # bfloat16 momentum (peers keep m, v in the variables' dtype): 2+2+2 read,
+                 # 2+2 written
+                 row_bytes_per_param={k: 10 for k in _BF16 if k not in (
+                     "tf_lion", "tf_lion_nojit", "tf_lion_xla_step")}),
     ]
     smallest = None
     for rows, cols, batch in tables:  # smallest first
@@ -345,9 +351,31 @@ def _read_f32(variable):
     return (value if value.dtype == tf.float32 else tf.cast(value, tf.float32)).numpy()
 
 
+def randomize_momentum(variables, momentum_of, grads_np, seed=0):
+    """Gives every momentum random values on the scale of its gradient.
+
+    From a zero momentum and a fixed gradient, m stays a positive multiple of
+    g and sign(c) = sign(g) whatever beta_1 is: a Lion that ignored its
+    momentum (or mixed up the betas) would pass. Random momenta make the
+    direction depend on both; in exact mode they also make the rows without a
+    gradient move by sign(beta_1 * m).
+    """
+    rng = np.random.default_rng(seed)
+    for v, g in zip(variables, grads_np):
+        values = g[1] if isinstance(g, tuple) else g
+        scale = float(np.std(values)) or 1.0
+        m = momentum_of(v)
+        draw = rng.standard_normal(tuple(m.shape), dtype=np.float32) * np.float32(scale)
+        m.assign(tf.cast(draw, m.dtype))
+
+
 def check_optimizer(step, variables, momentum_of, grads_np, hp, mode="dense",
-                    theta_dtype="float32", m_dtype="float32", steps=2, context="optimizer"):
+                    theta_dtype="float32", m_dtype="float32", steps=2, context="optimizer",
+                    random_momentum=True):
     """Runs `steps` calls of `step()` and checks each against the numpy reference.
+
+    With `random_momentum` (the default) the momenta start from random values
+    (`randomize_momentum`), so the check tests the direction, not only sign(g).
 
     Args:
       step: zero-argument callable applying the gradients once.
@@ -361,6 +389,8 @@ def check_optimizer(step, variables, momentum_of, grads_np, hp, mode="dense",
     Raises:
       reference.CorrectnessError on a disagreement.
     """
+    if random_momentum:
+        randomize_momentum(variables, momentum_of, grads_np)
     first_call = None
     stats = []
     for s in range(steps):
@@ -500,7 +530,11 @@ def _run_scenario(scenario, settings, stream, only=None):
             "traces": comp.step.experimental_get_tracing_count(),
             "retraced_while_timed": (comp.step.experimental_get_tracing_count()
                                      != comp.traces_before_timing),
-            "x_tf_keras_lion": median / ref_ms if ref_ms else None,
+            # The smaller table's row has its own table: no ratio to this one's.
+            "x_tf_keras_lion": (median / ref_ms if ref_ms and comp.key != "tf_lion_lazy_small"
+                                else None),
+            "bytes_per_param": scenario.row_bytes_per_param.get(comp.key,
+                                                                 scenario.bytes_per_param),
             "us_per_var": median * 1e3 / scenario.num_vars,
             "notes": comp.notes,
         })
@@ -533,7 +567,7 @@ def _short(e):
 # Machine, table, JSON
 # --------------------------------------------------------------------------- #
 def _source_state():
-    """The tf_lion commit and locally modified files (read-only git queries), if any."""
+    """The commit and locally modified files of tf_lion/ and benchmarks/ (read-only git)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(tf_lion.__file__)))
 
     def git(*args):
@@ -543,7 +577,7 @@ def _source_state():
     try:
         return {"commit": git("rev-parse", "HEAD"),
                 "modified": [line[3:] for line in git("status", "--porcelain", "--",
-                                                      "tf_lion").splitlines()]}
+                                                      "tf_lion", "benchmarks").splitlines()]}
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -609,12 +643,21 @@ def format_table(report):
     for row in rows:
         cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("| " + " | ".join(cells) + " |")
-    floors = "; ".join(f"{s['name']}: {_fmt(s['floor_ms'])} ms" for s in report["scenarios"])
+    floors = "; ".join(f"{s['name']}: {_fmt(s['floor_ms'])} ms at "
+                       f"{s['bandwidth_gb_per_s']:.1f} GB/s" for s in report["scenarios"])
     lines.append("")
     bw = report["machine"]["bandwidth"]
-    lines.append(f"bandwidth {bw['median_gb_per_s']:.1f} GB/s (median of "
+    lines.append(f"bandwidth {bw['median_gb_per_s']:.1f} GB/s (median of all "
                  f"{bw['interleaved_samples']} interleaved passes; best "
-                 f"{bw['best_gb_per_s']:.1f}); floors: {floors}")
+                 f"{bw['best_gb_per_s']:.1f}); floors, each at the median of its scenario's "
+                 f"passes: {floors}")
+    own = sorted({(r["scenario"], r["bytes_per_param"]) for r in report["results"]
+                  if r["bytes_per_param"] != next(s["bytes_per_param"] for s in
+                                                  report["scenarios"]
+                                                  if s["name"] == r["scenario"])})
+    for name, b in own:
+        lines.append(f"{name}: rows with a bfloat16 momentum are against their own floor, "
+                     f"{b} B/param")
     above = [r for r in report["results"] if "us_per_var_above_captures" in r]
     for name in dict.fromkeys(r["scenario"] for r in above):
         costs = ", ".join(f"{r['optimizer']} {_fmt(r['us_per_var_above_captures'])}"
@@ -628,6 +671,10 @@ def format_table(report):
     for s in report["skipped"]:
         lines.append(f"skipped in {s['scenario']}: {s['optimizer']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def _floor_ms(bytes_per_param, info):
+    return bytes_per_param * info["params"] / (info["bandwidth_gb_per_s"] * 1e9) * 1e3
 
 
 def run(scenario_names=None, quick=False, tiny=False, repeats=None, json_path=None,
@@ -686,14 +733,20 @@ def run(scenario_names=None, quick=False, tiny=False, repeats=None, json_path=No
         "interleaved_samples": len(samples),
         "before_run_gb_per_s": [round(b, 2) for b in first],
         "method": bandwidth_lib.StreamKernel.method_text(settings["bandwidth_elements"]) +
-        "; one pass per round-robin repeat, interleaved with the optimizers; the floor uses "
-        "the median over all passes",
+        "; one pass per round-robin repeat, interleaved with the optimizers; each "
+        "scenario's floor uses the median of the passes in its own rotation",
     }
+    # Each scenario's floor uses the passes taken in its own rotation: the load
+    # its optimizers saw (load differs between scenarios of one run).
+    by_name = {info["name"]: info for info in report["scenarios"]}
     for info in report["scenarios"]:
-        info["floor_ms"] = info["bytes_per_param"] * info["params"] / (gbps * 1e9) * 1e3
-    floors = {info["name"]: info["floor_ms"] for info in report["scenarios"]}
+        own = info["bandwidth_samples_gb_per_s"]
+        info["bandwidth_gb_per_s"] = float(np.median(own)) if own else gbps
+        info["floor_ms"] = _floor_ms(info["bytes_per_param"], info)
     for r in report["results"]:
-        r["x_floor"] = r["median_ms"] / floors[r["scenario"]]
+        info = by_name[r["scenario"]]
+        r["x_floor"] = (None if r["key"] == "tf_lion_lazy_small"
+                        else r["median_ms"] / _floor_ms(r["bytes_per_param"], info))
     captured = {r["scenario"]: r["median_ms"] for r in report["results"]
                 if r["key"] == "captures_floor"}
     for r in report["results"]:

@@ -38,6 +38,10 @@ class _WrongLion:
             m = self.slots[v.ref()]
             g = tf.convert_to_tensor(g)
             c = b1 * m + (1 - b1) * g
+            if self.flaw == "direction ignores the momentum":
+                c = g
+            elif self.flaw == "direction interpolates with beta_2":
+                c = b2 * m + (1 - b2) * g
             direction = -tf.sign(c) if self.flaw == "flipped sign" else tf.sign(c)
             beta = b1 if self.flaw == "momentum uses beta_1" else b2
             v.assign(v - lr * (direction + wd * v))
@@ -64,7 +68,11 @@ def test_check_accepts_tf_lion(jit):
 
 
 @pytest.mark.parametrize("flaw,what", [(None, None), ("flipped sign", "theta"),
-                                       ("momentum uses beta_1", "momentum")])
+                                       ("momentum uses beta_1", "momentum"),
+                                       # From a zero momentum and a fixed gradient these
+                                       # equal Lion: the check starts from random momenta.
+                                       ("direction ignores the momentum", "theta"),
+                                       ("direction interpolates with beta_2", "theta")])
 def test_check_rejects_a_wrong_update(flaw, what):
     variables, grads = _dense_problem()
     opt = _WrongLion(flaw)
@@ -170,11 +178,22 @@ def test_tiny_run_writes_the_documented_json(tmp_path, capsys):
         assert r["us_per_var_above_captures"] == pytest.approx(
             (r["median_ms"] - floor) * 1e3 / 6)  # 6 tiny variables
     assert "us_per_var_above_captures" not in rows[("A", "tf_lion")]
+    scenarios = {s["name"]: s for s in report["scenarios"]}
+    for s in scenarios.values():  # each floor at the median of its own rotation's passes
+        assert s["bandwidth_gb_per_s"] == pytest.approx(
+            float(np.median(s["bandwidth_samples_gb_per_s"])))
+        assert s["floor_ms"] == pytest.approx(
+            s["bytes_per_param"] * s["params"] / (s["bandwidth_gb_per_s"] * 1e9) * 1e3)
     for r in report["results"]:
         assert len(r["samples_ms"]) == 2
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
-        assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["us_per_var"] > 0
+        assert r["median_ms"] > 0 and r["us_per_var"] > 0
         assert not r["retraced_while_timed"], r["optimizer"]
+        if r["key"] == "tf_lion_lazy_small":  # another table: no ratios to this one's
+            assert r["x_floor"] is None and r["x_tf_keras_lion"] is None
+        else:
+            assert r["x_floor"] == pytest.approx(
+                r["median_ms"] / scenarios[r["scenario"]]["floor_ms"])
     for s in ("A", "D500", "D2k", "E"):
         assert rows[(s, "tf_keras_lion")]["x_tf_keras_lion"] == pytest.approx(1.0)
     # The smaller table's lazy step, timed in the larger table's round-robin: the size ratio.
@@ -205,3 +224,35 @@ def test_run_aborts_before_timing_when_tf_lion_disagrees(tmp_path, monkeypatch, 
     assert code == 2
     assert not path.exists()
     assert "ABORTED" in capsys.readouterr().err
+
+
+def test_bfloat16_momentum_rows_of_c_are_against_their_own_floor():
+    """C's floor is 14 B/param (bfloat16 theta and g, float32 m); a row with a
+    bfloat16 momentum moves 10 B/param and is divided by that floor."""
+    c = next(s for s in bench.scenarios() if s.name == "C")
+    assert c.bytes_per_param == 14
+    assert c.row_bytes_per_param["tf_lion_mbf16"] == 10
+    assert c.row_bytes_per_param["tf_keras_lion"] == 10  # keeps m in the variables' dtype
+    assert "tf_lion" not in c.row_bytes_per_param
+
+
+def test_bfloat16_store_tolerance_is_one_ulp():
+    """A bfloat16 result may be the neighbour of the reference's (float32 values
+    a few eps apart round differently), not two bfloat16 steps away."""
+    rng = np.random.default_rng(3)
+    theta0 = reference.round_to_bfloat16(rng.uniform(1.0, 2.0, 64).astype(np.float32))
+    m0 = rng.standard_normal(64).astype(np.float32)
+    g = rng.standard_normal(64).astype(np.float32)
+    want, want_m, _ = reference.lion_step(theta0, m0, g, HP["lr"], HP["beta_1"], HP["beta_2"],
+                                         HP["weight_decay"], theta_dtype="bfloat16")
+    ulp = np.float32(2.0 ** -7)  # bfloat16 spacing in [1, 2)
+    for steps, ok in ((0, True), (1, True), (2, False)):
+        got = want.copy()
+        got[5] = want[5] + steps * ulp
+        check = lambda: reference.check_step(  # noqa: E731
+            theta0, m0, g, got, want_m, HP, theta_dtype="bfloat16")
+        if ok:
+            check()
+        else:
+            with pytest.raises(reference.CorrectnessError, match="theta"):
+                check()
