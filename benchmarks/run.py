@@ -651,11 +651,9 @@ def format_table(report):
                  f"{bw['interleaved_samples']} interleaved passes; best "
                  f"{bw['best_gb_per_s']:.1f}); floors, each at the median of its scenario's "
                  f"passes: {floors}")
-    own = sorted({(r["scenario"], r["bytes_per_param"]) for r in report["results"]
-                  if r["bytes_per_param"] != next(s["bytes_per_param"] for s in
-                                                  report["scenarios"]
-                                                  if s["name"] == r["scenario"])})
-    for name, b in own:
+    scenario_bytes = {s["name"]: s["bytes_per_param"] for s in report["scenarios"]}
+    for name, b in sorted({(r["scenario"], r["bytes_per_param"]) for r in report["results"]
+                           if r["bytes_per_param"] != scenario_bytes[r["scenario"]]}):
         lines.append(f"{name}: rows with a bfloat16 momentum are against their own floor, "
                      f"{b} B/param")
     above = [r for r in report["results"] if "us_per_var_above_captures" in r]

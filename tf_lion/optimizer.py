@@ -1086,8 +1086,6 @@ class Lion(keras_optimizer.Optimizer):
                 step_lib.no_op)
 
     def _overwrite_model_variables_with_average_value(self, var_list):
-        # The optimizer's own strategy: `finalize_variable_values` may be called
-        # outside its scope, as tf-keras allows.
         # Every variable is checked before any is overwritten.
         pairs = [(var, self._slots.get(var, "average")) for var in _shards(var_list)]
         for var, average in pairs:
