@@ -806,3 +806,54 @@ def test_killed_during_save_leaves_previous_checkpoint_restorable(tmp_path):
     assert float(var[0, 0]) == first_value
     assert int(opt.iterations) == 1
     np.testing.assert_array_equal(opt.get_slot(var, "m").numpy()[:2, :3], np.full([2, 3], np.float32(1) - np.float32(0.99)))
+
+
+def _sparse_rows(row, rows=6):
+    return tf.IndexedSlices(tf.ones((1, 2)), tf.constant([row]), tf.constant([rows, 2]))
+
+
+@pytest.mark.parametrize("build_first", [False, True])
+def test_exact_checkpoint_mid_window_resumes_in_lazy_mode_without_losing_rows(
+        tmp_path, build_first):
+    """An exact-mode checkpoint has no row mask: the rows its accumulator holds
+    are marked, so the applying call applies them (they were zeroed unapplied)."""
+    def make(mode):
+        var = tf.Variable(tf.ones((6, 2)), name="table")
+        return var, tf_lion.Lion(learning_rate=0.1, gradient_accumulation_steps=2,
+                                 sparse_mode=mode, jit_compile=False)
+
+    var, opt = make("exact")
+    opt.apply_gradients([(_sparse_rows(3), var)])  # call 1 of the window
+    path = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "c"))
+
+    expected_var, expected_opt = make("lazy")
+    for row in (3, 5):
+        expected_opt.apply_gradients([(_sparse_rows(row), expected_var)])
+
+    resumed_var, resumed_opt = make("lazy")
+    if build_first:  # slots exist before the restore: the accumulator is restored into them
+        resumed_opt.build([resumed_var])
+        tf.train.Checkpoint(v=resumed_var, opt=resumed_opt).restore(path)
+    else:  # restored into slots created at the first step, with a warning
+        tf.train.Checkpoint(v=resumed_var, opt=resumed_opt).restore(path)
+        with pytest.warns(UserWarning, match="row mask .* non-zero rows"):
+            resumed_opt.build([resumed_var])
+    np.testing.assert_array_equal(resumed_opt.get_slot(resumed_var, "touched").numpy(),
+                                  [0, 0, 0, 1, 0, 0])
+    resumed_opt.apply_gradients([(_sparse_rows(5), resumed_var)])  # applies the window
+    np.testing.assert_array_equal(resumed_var.numpy(), expected_var.numpy())
+    assert resumed_var.numpy()[3, 0] != 1.0  # row 3 moved
+
+
+def test_lazy_checkpoint_mid_window_resumes_in_exact_mode_and_says_nothing_is_lost(tmp_path):
+    var = tf.Variable(tf.ones((6, 2)), name="table")
+    opt = tf_lion.Lion(0.1, gradient_accumulation_steps=2, sparse_mode="lazy", jit_compile=False)
+    opt.apply_gradients([(_sparse_rows(3), var)])
+    path = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "c"))
+    resumed = tf.Variable(tf.ones((6, 2)), name="table")
+    exact = tf_lion.Lion(0.1, gradient_accumulation_steps=2, sparse_mode="exact",
+                         jit_compile=False)
+    with pytest.warns(UserWarning, match="'touched'.*nothing is lost"):
+        tf.train.Checkpoint(v=resumed, opt=exact).restore(path)
+        exact.build([resumed])
+    np.testing.assert_array_equal(exact.get_slot(resumed, "accumulator").numpy()[3], [1, 1])

@@ -143,7 +143,8 @@ _FRESH_SLOT = {
     "m": "momentum starts at zero",
     "average": "EMA average starts at the restored weights",
     "accumulator": "gradient accumulator starts at zero",
-    "touched": "row mask of the accumulation window starts empty",
+    "touched": "row mask of the accumulation window starts from the restored accumulator's "
+               "non-zero rows",
 }
 
 
@@ -551,6 +552,8 @@ class Lion(keras_optimizer.Optimizer):
                                     self._slots.create(var, "accumulator", acc_dtype)))
                 if self._uses_row_mask(var) and not self._slots.has(var, "touched"):
                     created.append(("touched", self._slots.create(var, "touched", tf.float32)))
+                    if created[-1][1][1]:  # restored from a checkpoint without a row mask
+                        self._mark_accumulated_rows(var)
             for slot_name, (_, fresh) in created:
                 if fresh:
                     without_state.setdefault(slot_name, []).append(var.name)
@@ -631,7 +634,28 @@ class Lion(keras_optimizer.Optimizer):
                 return None
             slot_variable_position.restore(slot)
             return slot
-        return self._slots.create_or_restore(slot_variable_position, slot_name, _unwrap(variable))
+        variable = _unwrap(variable)
+        slot = self._slots.create_or_restore(slot_variable_position, slot_name, variable)
+        if slot_name == "accumulator" and slot is not None:
+            self._mark_accumulated_rows(variable)
+        return slot
+
+    def _mark_accumulated_rows(self, var):
+        """Lazy mode: the row mask covers every row the accumulator holds.
+
+        A restored accumulator (e.g. from an exact-mode checkpoint taken in an
+        accumulation window, which has no row mask) would otherwise be zeroed
+        at the applying call without being applied. Rows of a consistent
+        checkpoint are already marked, so this changes nothing there.
+        """
+        touched = self._slots.get(var, "touched")
+        accumulator = self._slots.get(var, "accumulator")
+        if touched is None or accumulator is None:
+            return
+        with tf.init_scope():  # once, now: not part of a step being traced
+            axes = list(range(1, accumulator.shape.rank))
+            held = tf.cast(tf.reduce_any(tf.not_equal(accumulator, 0), axis=axes), touched.dtype)
+            _assign_everywhere(touched, tf.maximum(tf.convert_to_tensor(touched), held))
 
     def _drop_unused_slot(self, position, slot_name, variable):
         """A checkpointed slot this optimizer does not keep (EMA or accumulation
@@ -651,7 +675,9 @@ class Lion(keras_optimizer.Optimizer):
             f"optimizer does not keep (its slots: {self._slot_names()}); they are not restored. "
             f"'{slot_name}' of '{variable.name}' is not zero"
             + (": the gradients of an accumulation window in progress are dropped."
-               if slot_name in ("accumulator", "touched") else "."),
+               if slot_name == "accumulator" else
+               ": nothing is lost (exact mode applies the restored accumulator to every row)."
+               if slot_name == "touched" else "."),
             stacklevel=2)
 
     # A partitioned variable (`ShardedVariable`, ParameterServerStrategy) has
