@@ -328,6 +328,20 @@ def test_numpy_and_list_gradients_are_converted():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("beta_1,beta_2", [(0.9, 0.9), (0.95, 0.9)])
+def test_infinite_gradient_with_beta_1_not_below_beta_2_gives_the_textbook_step(
+        jit_compile, beta_1, beta_2):
+    """sign(inf) = 1: theta moves by lr. The rebuilt direction would compute
+    0 * inf or inf - inf (NaN), so beta_1 >= beta_2 keeps the textbook order."""
+    opt = tf_lion.Lion(0.1, beta_1=beta_1, beta_2=beta_2, jit_compile=jit_compile)
+    assert not opt._momentum_first
+    var = tf.Variable([1.0, 1.0])
+    opt.apply_gradients([(tf.constant([np.inf, 1.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), np.float32([1.0, 1.0]) - np.float32(0.1))
+    assert tf_lion.Lion(0.1, beta_1=0.9, beta_2=0.99)._momentum_first  # the usual case
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("beta_2", [1e-10, 1e-4, 0.3])
 def test_small_beta_2_keeps_the_textbook_direction(jit_compile, beta_2):
     """Below MOMENTUM_FIRST_MIN_BETA_2 the rebuilt direction would lose precision
@@ -348,4 +362,4 @@ def test_small_beta_2_keeps_the_textbook_direction(jit_compile, beta_2):
     # theta - lr * sign(c) without weight decay: lr * (+-1) is exact, so a fused
     # multiply-add (XLA) rounds the same as the reference.
     np.testing.assert_array_equal(var.numpy(), expected)
-    assert tf_lion.Lion(beta_2=0.5)._momentum_first and tf_lion.Lion(beta_2=0.99)._momentum_first
+    assert tf_lion.Lion(beta_1=0.4, beta_2=0.5)._momentum_first and tf_lion.Lion(beta_2=0.99)._momentum_first

@@ -119,3 +119,37 @@ def test_all_none_gradients_raise_like_tf_keras():
 def test_unknown_kwarg():
     with pytest.raises(TypeError, match="bogus"):
         tf_lion.Lion(bogus=1)
+
+
+@pytest.mark.parametrize("shape", [tf.TensorShape(None), tf.TensorShape([None, 3])])
+def test_variable_of_unknown_shape_is_rejected_by_name(shape):
+    var = tf.Variable(tf.ones([2, 3]), shape=shape, name="free_form")
+    with pytest.raises(ValueError, match="free_form.*fully defined|fully defined.*free_form"):
+        tf_lion.Lion().apply_gradients([(tf.ones([2, 3]), var)])
+
+
+def test_sparse_gradient_with_more_indices_than_rows_names_variable():
+    var = tf.Variable(tf.zeros([5, 2]), name="table")
+    grad = tf.IndexedSlices(tf.ones([2, 2]), tf.constant([0, 1, 2]), tf.constant([5, 2]))
+    for jit in (True, False):
+        with pytest.raises(ValueError, match="table"):
+            tf_lion.Lion(jit_compile=jit).apply_gradients([(grad, var)])
+    np.testing.assert_array_equal(var.numpy(), np.zeros([5, 2]))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_dense_gradient_of_unknown_static_shape_is_checked_at_run_time(jit):
+    """A [4] gradient would broadcast over a [3, 4] variable; it must fail instead."""
+    var = tf.Variable(tf.zeros([3, 4]), name="kernel")
+    opt = tf_lion.Lion(jit_compile=jit)
+
+    @tf.function(input_signature=[tf.TensorSpec(None)])
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    step(tf.ones([3, 4]))  # fits: applied
+    moved = var.numpy()
+    assert np.all(moved != 0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gradient_of_kernel"):
+        step(tf.ones([4]))
+    np.testing.assert_array_equal(var.numpy(), moved)

@@ -6,6 +6,7 @@ The math is in `tf_lion.update`; nothing here writes the formula.
 """
 
 import numbers
+import re
 import warnings
 
 import numpy as np
@@ -195,7 +196,12 @@ def _index_checks(distribution, grads_and_vars, variables):
 
 
 def _check_gradient(grad, variable):
-    """Errors that name the variable for gradients that cannot be applied to it."""
+    """Errors that name the variable for gradients that cannot be applied to it.
+
+    Returns the gradient; a dense one whose static shape is not fully known
+    gets a runtime shape check (an `EnsureShape` op named after the variable,
+    so that its error names it) instead of being broadcast.
+    """
     name = variable.name
     dtype = _true_dtype(variable)
     if not dtype.is_floating:
@@ -204,7 +210,11 @@ def _check_gradient(grad, variable):
             f"{dtype.name}."
         )
     if grad is None:
-        return
+        return grad
+    if not variable.shape.is_fully_defined():
+        raise ValueError(
+            f"Lion needs variables of fully defined shape (its slots have the variable's "
+            f"shape); variable '{name}' has shape {variable.shape}.")
     values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
     if values.dtype != dtype:
         raise TypeError(
@@ -214,7 +224,8 @@ def _check_gradient(grad, variable):
     if isinstance(grad, tf.IndexedSlices):
         if variable.shape.rank == 0:
             raise ValueError(f"Variable '{name}' is a scalar and cannot take a sparse gradient.")
-        rows_ok = values.shape[1:].is_compatible_with(variable.shape[1:])
+        rows_ok = (values.shape[1:].is_compatible_with(variable.shape[1:])
+                   and values.shape[:1].is_compatible_with(grad.indices.shape[:1]))
         if not rows_ok or grad.indices.shape.rank not in (None, 1):
             raise ValueError(
                 f"The sparse gradient of variable '{name}' has values of shape "
@@ -232,6 +243,10 @@ def _check_gradient(grad, variable):
             f"The gradient of variable '{name}' has shape {values.shape}, but the variable "
             f"has shape {variable.shape}."
         )
+    elif not values.shape.is_fully_defined():
+        op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", name)
+        return tf.ensure_shape(values, variable.shape, name=op_name)
+    return grad
 
 
 def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stochastic_rounding,
@@ -410,16 +425,21 @@ class Lion(keras_optimizer.Optimizer):
 
     @property
     def _momentum_first(self):
-        """Use `lion_step`'s in-place formulation: when beta_2 is a fixed number >= 0.5.
+        """Use `lion_step`'s in-place formulation: when beta_2 is a fixed number
+        >= 0.5 and beta_1 a fixed number below it.
 
         XLA (TPU, GPU, `jit_compile`) then updates the momentum in place
         instead of copying it every step. A beta_2 that may change (a tensor,
         variable or callable) or is below `update.MOMENTUM_FIRST_MIN_BETA_2`
-        (where the rebuilt direction loses precision) keeps the textbook order.
+        (where the rebuilt direction loses precision) keeps the textbook order,
+        and so does beta_1 >= beta_2: there `(beta_2 - beta_1) * g` is `0 * inf`
+        or `inf - inf` for an infinite gradient, NaN where the textbook `c` is inf.
         """
-        beta_2 = self.beta_2
-        return bool(isinstance(beta_2, numbers.Real) and not isinstance(beta_2, bool)
-                    and beta_2 >= update_lib.MOMENTUM_FIRST_MIN_BETA_2)
+        beta_1, beta_2 = self.beta_1, self.beta_2
+        fixed = all(isinstance(b, numbers.Real) and not isinstance(b, bool)
+                    for b in (beta_1, beta_2))
+        return bool(fixed and beta_2 >= update_lib.MOMENTUM_FIRST_MIN_BETA_2
+                    and beta_1 < beta_2)
 
     @property
     def _accumulating(self):
@@ -920,8 +940,7 @@ class Lion(keras_optimizer.Optimizer):
         grads_and_vars = [(_as_gradient(g), v) for g, v in grads_and_vars]
         if not grads_and_vars:
             return self._iterations
-        for grad, var in grads_and_vars:
-            _check_gradient(grad, var)
+        grads_and_vars = [(_check_gradient(g, v), v) for g, v in grads_and_vars]
         aggregate = aggregate and not skip_gradients_aggregation
         if aggregate:
             distribute_lib.check_replica_context(self.name)
