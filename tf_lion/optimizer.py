@@ -243,7 +243,8 @@ def _check_gradient(grad, variable):
             f"The gradient of variable '{name}' has shape {values.shape}, but the variable "
             f"has shape {variable.shape}."
         )
-    elif not values.shape.is_fully_defined():
+    elif isinstance(values, tf.Tensor) and not values.shape.is_fully_defined():
+        # (not a strategy's per-replica values, whose shape may be unknown)
         op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", name)
         return tf.ensure_shape(values, variable.shape, name=op_name)
     return grad
