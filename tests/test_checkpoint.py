@@ -857,3 +857,120 @@ def test_lazy_checkpoint_mid_window_resumes_in_exact_mode_and_says_nothing_is_lo
         tf.train.Checkpoint(v=resumed, opt=exact).restore(path)
         exact.build([resumed])
     np.testing.assert_array_equal(exact.get_slot(resumed, "accumulator").numpy()[3], [1, 1])
+
+
+def _lazy_or_exact(mode, rows=6):
+    var = tf.Variable(tf.ones((rows, 2)), name="table")
+    return var, tf_lion.Lion(learning_rate=0.1, gradient_accumulation_steps=2, sparse_mode=mode,
+                             jit_compile=False)
+
+
+def test_exact_checkpoint_restored_over_marked_rows_replaces_the_row_mask(tmp_path):
+    """Rows marked before the restore (an earlier restore, or this process's
+    own window) are not the checkpoint's: they must not move at its applying call."""
+    var, opt = _lazy_or_exact("exact")
+    for row in (3, 5):  # a window: both rows get momentum
+        opt.apply_gradients([(_sparse_rows(row), var)])
+    opt.apply_gradients([(_sparse_rows(3), var)])  # call 1 of the next window: row 3
+    a = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "a"))
+    var, opt = _lazy_or_exact("exact")
+    for row in (3, 5):
+        opt.apply_gradients([(_sparse_rows(row), var)])
+    opt.apply_gradients([(_sparse_rows(5), var)])  # the next window began with row 5
+    b = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "b"))
+
+    resumed_var, resumed = _lazy_or_exact("lazy")
+    resumed.build([resumed_var])
+    tf.train.Checkpoint(v=resumed_var, opt=resumed).restore(a)
+    tf.train.Checkpoint(v=resumed_var, opt=resumed).restore(b)
+    np.testing.assert_array_equal(resumed.get_slot(resumed_var, "touched").numpy(),
+                                  [0, 0, 0, 0, 0, 1])
+    before = resumed_var.numpy()[3].copy()
+    resumed.apply_gradients([(_sparse_rows(5), resumed_var)])  # applies b's window
+    np.testing.assert_array_equal(resumed_var.numpy()[3], before)  # row 3: not in the window
+
+
+def test_lazy_checkpoint_keeps_its_own_row_mask(tmp_path):
+    """A row whose gradients cancel has a zero accumulator but is in the mask:
+    restoring a lazy checkpoint must keep the saved mask, not rebuild it."""
+    var, opt = _lazy_or_exact("lazy")
+    opt.apply_gradients([(_sparse_rows(3), var)])
+    opt.apply_gradients([(tf.IndexedSlices(-tf.ones((1, 2)), tf.constant([3]),
+                                           tf.constant([6, 2])), var)])  # cancels: applies
+    opt.apply_gradients([(tf.IndexedSlices(tf.constant([[1.0, 1.0], [-1.0, -1.0]]),
+                                           tf.constant([4, 4]), tf.constant([6, 2])), var)])
+    np.testing.assert_array_equal(opt.get_slot(var, "accumulator").numpy()[4], [0, 0])
+    path = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "c"))
+    for build_first in (True, False):
+        resumed_var, resumed = _lazy_or_exact("lazy")
+        if build_first:
+            resumed.build([resumed_var])
+        tf.train.Checkpoint(v=resumed_var, opt=resumed).restore(path)
+        resumed.build([resumed_var])
+        np.testing.assert_array_equal(resumed.get_slot(resumed_var, "touched").numpy(),
+                                      [0, 0, 0, 0, 1, 0])
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_exact_keras_file_mid_window_loads_into_lazy_mode_without_losing_rows(tmp_path, suffix):
+    def model(mode):
+        tf_keras.utils.set_random_seed(0)
+        inputs = tf_keras.Input(shape=(1,), dtype="int32")
+        outputs = tf_keras.layers.Embedding(6, 2, embeddings_initializer="ones",
+                                            name="emb")(inputs)  # the same names: matched
+        m = tf_keras.Model(inputs, outputs)
+        m.compile(tf_lion.Lion(0.1, gradient_accumulation_steps=2, sparse_mode=mode,
+                               jit_compile=False), "mse")
+        return m
+
+    def call(m, row):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_sum(m(tf.constant([[row]])))
+        grads = tape.gradient(loss, m.trainable_variables)
+        m.optimizer.apply_gradients(zip(grads, m.trainable_variables))
+
+    saved = model("exact")
+    call(saved, 3)  # call 1 of the window
+    path = str(tmp_path / f"m{suffix}")
+    saved.save(path) if suffix == ".keras" else saved.save_weights(path)
+    expected = model("lazy")
+    call(expected, 3)
+    call(expected, 5)
+
+    resumed = model("lazy")
+    resumed.load_weights(path)  # before the slots exist: they wait for build
+    with pytest.warns(UserWarning, match="holds no state"):
+        resumed.optimizer.build(resumed.trainable_variables)
+    table = resumed.trainable_variables[0]
+    np.testing.assert_array_equal(resumed.optimizer.get_slot(table, "touched").numpy(),
+                                  [0, 0, 0, 1, 0, 0])
+    call(resumed, 5)  # the applying call
+    np.testing.assert_array_equal(resumed.get_weights()[0], expected.get_weights()[0])
+
+
+@pytest.mark.parametrize("build_first", [False, True])
+def test_exact_checkpoint_mid_window_resumes_lazy_on_partitioned_variables(tmp_path, build_first):
+    from tensorflow.python.distribute import sharded_variable
+
+    def make(mode):
+        shards = [tf.Variable(tf.ones((3, 2)), name="table/part_0"),
+                  tf.Variable(tf.ones((3, 2)), name="table/part_1")]
+        return shards, sharded_variable.ShardedVariable(shards), tf_lion.Lion(
+            0.1, gradient_accumulation_steps=2, sparse_mode=mode, jit_compile=False)
+
+    def rows(row):
+        return tf.IndexedSlices(tf.ones((1, 2)), tf.constant([row]), tf.constant([3, 2]))
+
+    shards, table, opt = make("exact")
+    opt.apply_gradients([(rows(1), shards[0]), (rows(1), shards[1])])
+    path = tf.train.Checkpoint(t=table, opt=opt).write(str(tmp_path / "s"))
+    shards, table, opt = make("lazy")
+    if build_first:
+        opt.build(shards)
+    tf.train.Checkpoint(t=table, opt=opt).restore(path)
+    opt.build(shards)
+    for shard in shards:
+        np.testing.assert_array_equal(opt.get_slot(shard, "touched").numpy(), [0, 1, 0])
+    opt.apply_gradients([(rows(2), shards[0]), (rows(2), shards[1])])  # the applying call
+    for shard in shards:
+        np.testing.assert_allclose(shard.numpy()[1], [0.9, 0.9], rtol=1e-6)

@@ -153,3 +153,22 @@ def test_dense_gradient_of_unknown_static_shape_is_checked_at_run_time(jit):
     with pytest.raises(tf.errors.InvalidArgumentError, match="gradient_of_kernel"):
         step(tf.ones([4]))
     np.testing.assert_array_equal(var.numpy(), moved)
+
+
+def test_unused_variable_of_unknown_shape_is_skipped_like_tf_keras():
+    """No gradient, no slots: `fit` with an unused free-form variable runs."""
+
+    class WithSpare(tf_keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight("w", shape=(3,), initializer="ones")
+            self.spare = tf.Variable(tf.zeros([4]), shape=tf.TensorShape(None), name="spare")
+
+        def call(self, x):
+            return x * self.w
+
+    model = tf_keras.Sequential([tf_keras.Input((3,)), WithSpare()])
+    model.compile(tf_lion.Lion(0.1, jit_compile=False), "mse")
+    model.fit(np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32), verbose=0)
+    np.testing.assert_allclose(model.layers[0].w.numpy(), [0.9, 0.9, 0.9], rtol=1e-6)
+    with pytest.raises(ValueError, match="spare"):
+        model.optimizer.build([model.layers[0].spare])

@@ -8,6 +8,7 @@ The math is in `tf_lion.update`; nothing here writes the formula.
 import numbers
 import re
 import warnings
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -149,6 +150,27 @@ _FRESH_SLOT = {
 }
 
 
+_MASKED_ACCUMULATORS = weakref.WeakKeyDictionary()  # checkpoint -> accumulator node ids
+
+
+def _checkpoint_has_row_mask(slot_position):
+    """Whether the checkpoint holding this accumulator slot holds a row mask
+    ("touched") for the same variable (slot references live on the
+    optimizer's node of the object graph; read once per checkpoint)."""
+    checkpoint = slot_position.checkpoint
+    masked = _MASKED_ACCUMULATORS.get(checkpoint)
+    if masked is None:
+        masked = set()
+        for node in checkpoint.object_graph_proto.nodes:
+            with_mask = {ref.original_variable_node_id for ref in node.slot_variables
+                         if ref.slot_name == "touched"}
+            masked.update(ref.slot_variable_node_id for ref in node.slot_variables
+                          if ref.slot_name == "accumulator"
+                          and ref.original_variable_node_id in with_mask)
+        _MASKED_ACCUMULATORS[checkpoint] = masked
+    return slot_position.proto_id in masked
+
+
 def _warn_fresh_slots(optimizer_name, without_state):
     """Warns which slots of restored variables start fresh, by slot name."""
     parts = [f"{_FRESH_SLOT[slot]} for {len(names)} variable(s) "
@@ -195,6 +217,13 @@ def _index_checks(distribution, grads_and_vars, variables):
     return [] if tf.executing_eagerly() else checks
 
 
+def _check_defined_shape(variable):
+    if not variable.shape.is_fully_defined():
+        raise ValueError(
+            f"Lion needs variables of fully defined shape (its slots have the variable's "
+            f"shape); variable '{variable.name}' has shape {variable.shape}.")
+
+
 def _check_gradient(grad, variable):
     """Errors that name the variable for gradients that cannot be applied to it.
 
@@ -211,10 +240,7 @@ def _check_gradient(grad, variable):
         )
     if grad is None:
         return grad
-    if not variable.shape.is_fully_defined():
-        raise ValueError(
-            f"Lion needs variables of fully defined shape (its slots have the variable's "
-            f"shape); variable '{name}' has shape {variable.shape}.")
+    _check_defined_shape(variable)
     values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
     if values.dtype != dtype:
         raise TypeError(
@@ -558,6 +584,8 @@ class Lion(keras_optimizer.Optimizer):
         """
         without_state = {}  # slot name -> names of restored variables it starts fresh for
         for var in var_list:
+            _check_defined_shape(var)
+        for var in var_list:
             var = _unwrap(var)
             created = []
             if not self._slots.has(var, "m"):
@@ -654,20 +682,25 @@ class Lion(keras_optimizer.Optimizer):
                     (slot_variable_position, variable))
                 return None
             slot_variable_position.restore(slot)
+            if slot_name == "accumulator" and not _checkpoint_has_row_mask(slot_variable_position):
+                for shard in variable.variables:
+                    self._mark_accumulated_rows(_unwrap(shard))
             return slot
         variable = _unwrap(variable)
         slot = self._slots.create_or_restore(slot_variable_position, slot_name, variable)
-        if slot_name == "accumulator" and slot is not None:
+        if (slot_name == "accumulator" and slot is not None
+                and not _checkpoint_has_row_mask(slot_variable_position)):
             self._mark_accumulated_rows(variable)
         return slot
 
     def _mark_accumulated_rows(self, var):
-        """Lazy mode: the row mask covers every row the accumulator holds.
+        """Lazy mode: the row mask is the rows the (restored) accumulator holds.
 
-        A restored accumulator (e.g. from an exact-mode checkpoint taken in an
-        accumulation window, which has no row mask) would otherwise be zeroed
-        at the applying call without being applied. Rows of a consistent
-        checkpoint are already marked, so this changes nothing there.
+        For state restored without a row mask (an exact-mode checkpoint or
+        Keras file taken in an accumulation window): without it, the applying
+        call would zero those rows' accumulated gradients without applying
+        them, and rows marked before the restore would move. A checkpoint with
+        row masks restores them itself.
         """
         touched = self._slots.get(var, "touched")
         accumulator = self._slots.get(var, "accumulator")
@@ -675,8 +708,8 @@ class Lion(keras_optimizer.Optimizer):
             return
         with tf.init_scope():  # once, now: not part of a step being traced
             axes = list(range(1, accumulator.shape.rank))
-            held = tf.cast(tf.reduce_any(tf.not_equal(accumulator, 0), axis=axes), touched.dtype)
-            _assign_everywhere(touched, tf.maximum(tf.convert_to_tensor(touched), held))
+            held = tf.reduce_any(tf.not_equal(accumulator, 0), axis=axes)
+            _assign_everywhere(touched, tf.cast(held, touched.dtype))
 
     def _drop_unused_slot(self, position, slot_name, variable):
         """A checkpointed slot this optimizer does not keep (EMA or accumulation
@@ -728,8 +761,12 @@ class Lion(keras_optimizer.Optimizer):
                 continue
             del self._deferred_sharded[key]
             # Highest restore UID first: later restores win, as for other slots.
-            for position, _ in sorted(positions, key=lambda p: p[0].restore_uid, reverse=True):
+            ordered = sorted(positions, key=lambda p: p[0].restore_uid, reverse=True)
+            for position, _ in ordered:
                 position.restore(slot)
+            if key[1] == "accumulator" and not _checkpoint_has_row_mask(ordered[0][0]):
+                for shard in positions[0][1].variables:
+                    self._mark_accumulated_rows(_unwrap(shard))
 
     def _lookup_dependency(self, name, cached_dependencies=None):
         # OptimizerV2 checkpoints (legacy tf-keras, the paper's TF2 Lion) save the
@@ -871,6 +908,10 @@ class Lion(keras_optimizer.Optimizer):
             warnings.warn(partial, stacklevel=3)
         for variable, value in pairs:
             _assign_everywhere(variable, value)
+        unmasked = {label.split(":", 1)[1] for label in fresh if label.startswith("touched:")}
+        for owner in self._slots.ordered_owners("touched"):  # a file without row masks
+            if owner.name in unmasked:
+                self._mark_accumulated_rows(owner)
         if fresh and labels is not None and any(":" in label for label in labels):
             warnings.warn(
                 f"Optimizer '{self.name}': the Keras file holds no state for "
@@ -956,7 +997,10 @@ class Lion(keras_optimizer.Optimizer):
         self._compute_current_learning_rate()
         with tf.name_scope(name or self.name or "optimizer"):
             with tf.init_scope():
-                self.build([v for _, v in grads_and_vars])
+                # A variable of unknown shape can have no slots; without a
+                # gradient it is skipped, as tf-keras skips it.
+                self.build([v for g, v in grads_and_vars
+                            if g is not None or v.shape.is_fully_defined()])
             grads_and_vars = optimizer_utils.filter_empty_gradients(grads_and_vars)
             grads, variables = zip(*grads_and_vars)
             # Aggregated gradients are the same on every replica, so every
