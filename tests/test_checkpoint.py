@@ -890,6 +890,29 @@ def test_exact_checkpoint_restored_over_marked_rows_replaces_the_row_mask(tmp_pa
     np.testing.assert_array_equal(resumed_var.numpy()[3], before)  # row 3: not in the window
 
 
+@pytest.mark.parametrize("build_first", [True, False])
+def test_lazy_then_exact_checkpoint_restored_leaves_the_exact_rows_marked(tmp_path, build_first):
+    """Two restores (a lazy checkpoint, then an exact one) before or after build:
+    the accumulator is the exact one's, and so must the mask be."""
+    var, opt = _lazy_or_exact("lazy")
+    opt.apply_gradients([(_sparse_rows(3), var)])
+    lazy = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "lazy"))
+    var, opt = _lazy_or_exact("exact")
+    opt.apply_gradients([(_sparse_rows(5), var)])
+    exact = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "exact"))
+
+    resumed_var, resumed = _lazy_or_exact("lazy")
+    if build_first:
+        resumed.build([resumed_var])
+    tf.train.Checkpoint(v=resumed_var, opt=resumed).restore(lazy)
+    tf.train.Checkpoint(v=resumed_var, opt=resumed).restore(exact)
+    resumed.build([resumed_var])
+    np.testing.assert_array_equal(resumed.get_slot(resumed_var, "touched").numpy(),
+                                  [0, 0, 0, 0, 0, 1])
+    resumed.apply_gradients([(_sparse_rows(0), resumed_var)])  # the applying call
+    np.testing.assert_array_equal(resumed_var.numpy()[:, 0] < 1, [1, 0, 0, 0, 0, 1])
+
+
 def test_lazy_checkpoint_keeps_its_own_row_mask(tmp_path):
     """A row whose gradients cancel has a zero accumulator but is in the mask:
     restoring a lazy checkpoint must keep the saved mask, not rebuild it."""
@@ -974,3 +997,28 @@ def test_exact_checkpoint_mid_window_resumes_lazy_on_partitioned_variables(tmp_p
     opt.apply_gradients([(rows(2), shards[0]), (rows(2), shards[1])])  # the applying call
     for shard in shards:
         np.testing.assert_allclose(shard.numpy()[1], [0.9, 0.9], rtol=1e-6)
+
+
+def test_keras_file_without_accumulators_keeps_the_row_mask(tmp_path):
+    """A file from an optimizer that did not accumulate: the accumulators and row
+    masks keep their values, as the warning says (a cancelled row stays marked)."""
+    def model(**kwargs):
+        inputs = tf_keras.Input(shape=(2,), dtype="int32")
+        outputs = tf_keras.layers.Embedding(6, 2, embeddings_initializer="ones",
+                                            name="emb")(inputs)
+        m = tf_keras.Model(inputs, outputs)
+        m.compile(tf_lion.Lion(0.1, jit_compile=False, **kwargs), "mse")
+        return m
+
+    source = model()
+    source.optimizer.build(source.trainable_variables)
+    source.save_weights(str(tmp_path / "plain.weights.h5"))
+    target = model(gradient_accumulation_steps=2, sparse_mode="lazy")
+    table = target.trainable_variables[0]
+    cancelling = tf.IndexedSlices(tf.constant([[1.0, 1.0], [-1.0, -1.0]]), tf.constant([4, 4]),
+                                  tf.constant([6, 2]))
+    target.optimizer.apply_gradients([(cancelling, table)])
+    with pytest.warns(UserWarning, match="keep their values"):
+        target.load_weights(str(tmp_path / "plain.weights.h5"))
+    np.testing.assert_array_equal(target.optimizer.get_slot(table, "touched").numpy(),
+                                  [0, 0, 0, 0, 1, 0])

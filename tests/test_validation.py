@@ -170,5 +170,10 @@ def test_unused_variable_of_unknown_shape_is_skipped_like_tf_keras():
     model.compile(tf_lion.Lion(0.1, jit_compile=False), "mse")
     model.fit(np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32), verbose=0)
     np.testing.assert_allclose(model.layers[0].w.numpy(), [0.9, 0.9, 0.9], rtol=1e-6)
+    # With EMA, `fit` ends by copying the averages: the spare has none and is left alone.
+    ema = tf_keras.Sequential([tf_keras.Input((3,)), WithSpare()])
+    ema.compile(tf_lion.Lion(0.1, use_ema=True, ema_momentum=0.5, jit_compile=False), "mse")
+    ema.fit(np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32), verbose=0)
+    np.testing.assert_allclose(ema.layers[0].w.numpy(), [0.95, 0.95, 0.95], rtol=1e-6)
     with pytest.raises(ValueError, match="spare"):
         model.optimizer.build([model.layers[0].spare])

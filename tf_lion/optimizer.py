@@ -596,12 +596,15 @@ class Lion(keras_optimizer.Optimizer):
                                                               initial_value=var)))
             if self._accumulating:
                 acc_dtype = update_lib.compute_dtype(_true_dtype(var))
+                unmasked = False  # an accumulator restored from a checkpoint without masks
                 if not self._slots.has(var, "accumulator"):
                     created.append(("accumulator",
                                     self._slots.create(var, "accumulator", acc_dtype)))
+                    winner = self._slots.last_restored_from
+                    unmasked = winner is not None and not _checkpoint_has_row_mask(winner)
                 if self._uses_row_mask(var) and not self._slots.has(var, "touched"):
                     created.append(("touched", self._slots.create(var, "touched", tf.float32)))
-                    if created[-1][1][1]:  # restored from a checkpoint without a row mask
+                    if unmasked:  # (an older restore's mask must not stay either)
                         self._mark_accumulated_rows(var)
             for slot_name, (_, fresh) in created:
                 if fresh:
@@ -754,7 +757,9 @@ class Lion(keras_optimizer.Optimizer):
         return slot
 
     def _restore_deferred_sharded(self):
-        for key in list(self._deferred_sharded):
+        # Row masks before accumulators: an accumulator from a checkpoint
+        # without masks then sets the mask last.
+        for key in sorted(self._deferred_sharded, key=lambda k: k[1] == "accumulator"):
             positions = self._deferred_sharded[key]
             slot = self._sharded_slot(positions[0][1], key[1])
             if slot is None:
@@ -908,8 +913,12 @@ class Lion(keras_optimizer.Optimizer):
             warnings.warn(partial, stacklevel=3)
         for variable, value in pairs:
             _assign_everywhere(variable, value)
-        unmasked = {label.split(":", 1)[1] for label in fresh if label.startswith("touched:")}
-        for owner in self._slots.ordered_owners("touched"):  # a file without row masks
+        # Accumulators loaded from a file without row masks: their rows are the mask.
+        loaded = {label.split(":", 1)[1] for label in labels or ()
+                  if label.startswith("accumulator:")}
+        unmasked = {label.split(":", 1)[1] for label in fresh
+                    if label.startswith("touched:")} & loaded
+        for owner in self._slots.ordered_owners("touched"):
             if owner.name in unmasked:
                 self._mark_accumulated_rows(owner)
         if fresh and labels is not None and any(":" in label for label in labels):
@@ -1177,7 +1186,9 @@ class Lion(keras_optimizer.Optimizer):
 
     def _overwrite_model_variables_with_average_value(self, var_list):
         # Every variable is checked before any is overwritten.
-        pairs = [(var, self._slots.get(var, "average")) for var in _shards(var_list)]
+        # A variable of unknown shape has no slots: never updated, nothing to copy.
+        pairs = [(var, self._slots.get(var, "average")) for var in _shards(var_list)
+                 if var.shape.is_fully_defined() or self._slots.has(var, "average")]
         for var, average in pairs:
             if average is None:
                 raise KeyError(

@@ -88,6 +88,7 @@ class SlotStore:
         self._order = []  # keys in the order their first slot was created
         self._deferred = {}  # (key, slot name) -> [CheckpointPosition]
         self._followed = None  # ids of the variables `follow_order` last followed
+        self.last_restored_from = None  # see `create`
 
     def get(self, variable, slot_name):
         return self._slots.get(self._key_fn(variable), {}).get(slot_name)
@@ -152,9 +153,13 @@ class SlotStore:
         # the next attempt raises again instead of starting from zeros.
         positions = self._deferred.get((key, slot_name), [])
         # Highest restore UID first: later restores win, as in OptimizerV2.
-        for position in sorted(positions, key=lambda p: p.restore_uid, reverse=True):
+        ordered = sorted(positions, key=lambda p: p.restore_uid, reverse=True)
+        for position in ordered:
             position.restore(slot)
         self._deferred.pop((key, slot_name), None)
+        # The position that won, for the caller to inspect at once (not kept:
+        # a position holds its whole checkpoint's object graph).
+        self.last_restored_from = ordered[0] if ordered else None
         if key not in self._slots:
             self._slots[key] = {}
             self._order.append(key)
