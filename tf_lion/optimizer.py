@@ -600,7 +600,7 @@ class Lion(keras_optimizer.Optimizer):
                 if not self._slots.has(var, "accumulator"):
                     created.append(("accumulator",
                                     self._slots.create(var, "accumulator", acc_dtype)))
-                    winner = self._slots.last_restored_from
+                    winner, self._slots.last_restored_from = self._slots.last_restored_from, None
                     unmasked = winner is not None and not _checkpoint_has_row_mask(winner)
                 if self._uses_row_mask(var) and not self._slots.has(var, "touched"):
                     created.append(("touched", self._slots.create(var, "touched", tf.float32)))
@@ -609,6 +609,7 @@ class Lion(keras_optimizer.Optimizer):
             for slot_name, (_, fresh) in created:
                 if fresh:
                     without_state.setdefault(slot_name, []).append(var.name)
+        self._slots.last_restored_from = None
         if self._deferred_sharded:
             self._restore_deferred_sharded()
         self._slots.follow_order([_unwrap(v) for v in var_list])

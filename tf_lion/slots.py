@@ -157,8 +157,8 @@ class SlotStore:
         for position in ordered:
             position.restore(slot)
         self._deferred.pop((key, slot_name), None)
-        # The position that won, for the caller to inspect at once (not kept:
-        # a position holds its whole checkpoint's object graph).
+        # The position that won, for the caller to inspect at once and clear
+        # (a position holds its whole checkpoint's object graph).
         self.last_restored_from = ordered[0] if ordered else None
         if key not in self._slots:
             self._slots[key] = {}
