@@ -812,25 +812,26 @@ def _sparse_rows(row, rows=6):
     return tf.IndexedSlices(tf.ones((1, 2)), tf.constant([row]), tf.constant([rows, 2]))
 
 
+def _lazy_or_exact(mode, rows=6):
+    var = tf.Variable(tf.ones((rows, 2)), name="table")
+    return var, tf_lion.Lion(learning_rate=0.1, gradient_accumulation_steps=2, sparse_mode=mode,
+                             jit_compile=False)
+
+
 @pytest.mark.parametrize("build_first", [False, True])
 def test_exact_checkpoint_mid_window_resumes_in_lazy_mode_without_losing_rows(
         tmp_path, build_first):
     """An exact-mode checkpoint has no row mask: the rows its accumulator holds
     are marked, so the applying call applies them (they were zeroed unapplied)."""
-    def make(mode):
-        var = tf.Variable(tf.ones((6, 2)), name="table")
-        return var, tf_lion.Lion(learning_rate=0.1, gradient_accumulation_steps=2,
-                                 sparse_mode=mode, jit_compile=False)
-
-    var, opt = make("exact")
+    var, opt = _lazy_or_exact("exact")
     opt.apply_gradients([(_sparse_rows(3), var)])  # call 1 of the window
     path = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "c"))
 
-    expected_var, expected_opt = make("lazy")
+    expected_var, expected_opt = _lazy_or_exact("lazy")
     for row in (3, 5):
         expected_opt.apply_gradients([(_sparse_rows(row), expected_var)])
 
-    resumed_var, resumed_opt = make("lazy")
+    resumed_var, resumed_opt = _lazy_or_exact("lazy")
     if build_first:  # slots exist before the restore: the accumulator is restored into them
         resumed_opt.build([resumed_var])
         tf.train.Checkpoint(v=resumed_var, opt=resumed_opt).restore(path)
@@ -846,23 +847,14 @@ def test_exact_checkpoint_mid_window_resumes_in_lazy_mode_without_losing_rows(
 
 
 def test_lazy_checkpoint_mid_window_resumes_in_exact_mode_and_says_nothing_is_lost(tmp_path):
-    var = tf.Variable(tf.ones((6, 2)), name="table")
-    opt = tf_lion.Lion(0.1, gradient_accumulation_steps=2, sparse_mode="lazy", jit_compile=False)
+    var, opt = _lazy_or_exact("lazy")
     opt.apply_gradients([(_sparse_rows(3), var)])
     path = tf.train.Checkpoint(v=var, opt=opt).save(str(tmp_path / "c"))
-    resumed = tf.Variable(tf.ones((6, 2)), name="table")
-    exact = tf_lion.Lion(0.1, gradient_accumulation_steps=2, sparse_mode="exact",
-                         jit_compile=False)
+    resumed, exact = _lazy_or_exact("exact")
     with pytest.warns(UserWarning, match="'touched'.*nothing is lost"):
         tf.train.Checkpoint(v=resumed, opt=exact).restore(path)
         exact.build([resumed])
     np.testing.assert_array_equal(exact.get_slot(resumed, "accumulator").numpy()[3], [1, 1])
-
-
-def _lazy_or_exact(mode, rows=6):
-    var = tf.Variable(tf.ones((rows, 2)), name="table")
-    return var, tf_lion.Lion(learning_rate=0.1, gradient_accumulation_steps=2, sparse_mode=mode,
-                             jit_compile=False)
 
 
 def test_exact_checkpoint_restored_over_marked_rows_replaces_the_row_mask(tmp_path):

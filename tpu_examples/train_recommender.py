@@ -287,15 +287,12 @@ def main(argv):
         train_iterator = iter(coordinator.create_per_worker_dataset(
             ps_training_dataset_fn(per_replica_batch, FLAGS.seed * 1000, start)))
 
-        def worker_dataset(seed_offset):  # eval: the same fixed batches on every worker
-            return coordinator.create_per_worker_dataset(
-                lambda: synthetic_batches(per_replica_batch, FLAGS.seed * 1000 + seed_offset))
-
         def evaluate():
-            # A fresh per-worker iterator: the same fixed eval batches every time.
+            # A fresh per-worker iterator: the same fixed eval batches, on any worker.
+            eval_dataset = coordinator.create_per_worker_dataset(
+                lambda: synthetic_batches(per_replica_batch, FLAGS.seed * 1000 + 500))
             value = coordinator.schedule(
-                eval_loop, args=(iter(worker_dataset(500)),
-                                 tf.constant(FLAGS.eval_batches)))
+                eval_loop, args=(iter(eval_dataset), tf.constant(FLAGS.eval_batches)))
             return float(value.fetch())
 
         def run_steps(num_steps):
