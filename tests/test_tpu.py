@@ -308,6 +308,38 @@ def test_boolean_mask_gives_a_bounded_dynamic_dimension():
     assert "<=3" in report.problems[0].hlo_line and "Where" in report.problems[0].detail
 
 
+def test_dynamic_shape_is_reported_where_it_starts_not_in_loop_parameters():
+    """A masked vector mapped over: the loop's parameters carry the dynamic
+    size in, they do not start it; the mask's `Where` does."""
+    def step(x):
+        return tf.map_fn(lambda v: v * 2.0, tf.boolean_mask(x, x > 2.0))
+
+    report = tpu.compile_report(step, tf.constant([3.0, 1.0, 4.0]))
+    assert report.problems and all(p.kind == "dynamic-shape" for p in report.problems)
+    assert not any(" parameter(" in p.hlo_line for p in report.problems)
+    assert "Where" in report.problems[0].detail
+
+
+@pytest.mark.parametrize("as_specs", [False, True])
+def test_shape_read_from_an_input_value_is_not_compiled_in(as_specs):
+    """`ids[:, :max(lengths)]`: a TPU compiles before it sees `lengths`, so the
+    example's values must not become constants of the checked program."""
+    def step(ids, lengths):
+        return tf.reduce_sum(ids[:, :tf.reduce_max(lengths)])
+
+    ids, lengths = tf.ones([2, 8], tf.int32), tf.constant([3, 5])
+    args = (tf.TensorSpec.from_tensor(ids), tf.TensorSpec.from_tensor(lengths)) if as_specs \
+        else (ids, lengths)
+    report = tpu.compile_report(step, *args)
+    assert not report.ok
+    assert {p.kind for p in report.problems} <= {"dynamic-shape", "not-compilable"}
+    assert "constant({3, 5})" not in report.hlo_text
+    with pytest.raises(tpu.TPUCompatibilityError):
+        tpu.check_compiles(step, *args)
+    # With the size fixed in the program, the same step is fine.
+    assert tpu.check_compiles(lambda ids, lengths: tf.reduce_sum(ids[:, :5]), *args).ok
+
+
 def test_host_transfer_and_custom_call_in_compiled_hlo():
     def recv_step(x):
         return gen_xla_ops.xla_recv(tf.float32, tensor_name="t", shape=[3]) + x

@@ -47,6 +47,7 @@ import inspect
 import re
 from typing import Dict, List, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -574,7 +575,8 @@ def lint_hlo(hlo_text):
                 _with_origin(f"{ins.opcode} produces {'/'.join(types)} data; TPUs have no "
                              "64-bit floating point", ins),
                 line))
-        if ins.name in dynamic and not any(n in dynamic for n in operand_names):
+        if (ins.name in dynamic and not any(n in dynamic for n in operand_names)
+                and not passed_in(ins)):
             problems.append(Problem(
                 DYNAMIC_SHAPE,
                 _with_origin(f"{ins.opcode} has a data-dependent shape "
@@ -734,13 +736,18 @@ def _compile_failure(error, concrete_fn):
     return problems
 
 
-def _example_arguments(fn, args, kwargs):
-    """`(args, kwargs)` as TensorFlow's compiler-IR call takes them.
+def _spec_inputs(fn, args, kwargs):
+    """`(wrapper, specs)`: `fn` as a function of the call's tensors alone, as specs.
 
-    That call accepts top-level `tf.TensorSpec`s or tensors, not specs nested
-    in a structure (a dataset's `element_spec`), and does not fill in default
-    arguments. The step is never run, so every (fully defined) spec becomes
-    zeros of its shape and dtype, and defaults are bound explicitly.
+    A TPU compiles its program before it sees any input, so no input value may
+    shape it. TensorFlow's compiler-IR call, given tensors, compiles their
+    values in wherever the program needs a constant (a slice whose size is read
+    from an input), and it takes `tf.TensorSpec`s only at the top level, not
+    nested in a structure (a dataset's `element_spec`). So every tensor, NumPy
+    array or spec of the call, at any depth, becomes a top-level spec argument
+    of a wrapper that rebuilds the call; other values (Python numbers, objects,
+    variables) stay as given, and defaults are bound explicitly. The step is
+    compiled, never run.
     """
     try:
         bound = inspect.signature(fn.python_function).bind(*args, **kwargs)
@@ -749,12 +756,25 @@ def _example_arguments(fn, args, kwargs):
     else:
         bound.apply_defaults()
         args, kwargs = bound.args, bound.kwargs
+    structure = (args, kwargs)
+    leaves = tf.nest.flatten(structure)
+    positions, specs = [], []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, tf.TensorSpec):
+            specs.append(leaf)
+        elif isinstance(leaf, (tf.Tensor, np.ndarray)) and not isinstance(leaf, tf.Variable):
+            specs.append(tf.TensorSpec(leaf.shape, tf.as_dtype(leaf.dtype)))
+        else:
+            continue
+        positions.append(i)
 
-    def as_example(value):
-        if isinstance(value, tf.TensorSpec):
-            return tf.zeros(value.shape, value.dtype)
-        return value
-    return tf.nest.map_structure(as_example, args), tf.nest.map_structure(as_example, kwargs)
+    def step_of_tensors(*tensors):
+        filled = list(leaves)
+        for i, tensor in zip(positions, tensors):
+            filled[i] = tensor
+        call_args, call_kwargs = tf.nest.pack_sequence_as(structure, filled)
+        return fn(*call_args, **call_kwargs)
+    return tf.function(step_of_tensors, jit_compile=True, autograph=False), specs
 
 
 def compile_report(step_fn, *args, **kwargs):
@@ -763,7 +783,8 @@ def compile_report(step_fn, *args, **kwargs):
     The step is traced and compiled, not run: variables keep their values.
     Shapes and dtypes are taken from the example arguments (tensors or
     `tf.TensorSpec`s, also nested, e.g. a dataset's `element_spec`), as a
-    TPU would see them.
+    TPU would see them: never their values (`_spec_inputs`), so a shape that
+    depends on an input's value is reported, not compiled in.
 
     Variables: Keras layers and optimizers create theirs in `tf.init_scope`
     on the first trace, which works (a fresh optimizer's slots are created,
@@ -790,8 +811,8 @@ def compile_report(step_fn, *args, **kwargs):
                           "defined tf.TensorSpecs")
         return HloReport(hlo_text="", problems=[problem],
                          kind_counts={kind: int(kind == DYNAMIC_SHAPE) for kind in KINDS})
-    args, kwargs = _example_arguments(fn, args, kwargs)
-    compiler_ir = fn.experimental_get_compiler_ir(*args, **kwargs)
+    wrapper, specs = _spec_inputs(fn, args, kwargs)
+    compiler_ir = wrapper.experimental_get_compiler_ir(*specs)
     try:
         hlo_text = compiler_ir(stage="hlo")
     except (ValueError, tf.errors.OpError) as error:
