@@ -320,6 +320,34 @@ def test_apply_gradients_in_cross_replica_context_is_an_error():
     np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_per_replica_gradients_in_cross_replica_context(jit_compile):
+    """Per-replica gradients (`strategy.run`'s result) applied outside `run`: the
+    documented RuntimeError unless aggregation is skipped; skipped, each
+    replica's variable takes its own replica's gradient (here all-reduced, so
+    the same on both)."""
+    strategy = _strategy("mirrored")
+    with strategy.scope():
+        var = tf.Variable([1.0, 2.0, 3.0])
+        opt = tf_lion.Lion(0.1, jit_compile=jit_compile)
+
+    def replica_grad():
+        ctx = tf.distribute.get_replica_context()
+        g = tf.constant([1.0, -1.0, 0.5]) * tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, g)
+
+    grads = strategy.run(replica_grad)
+    assert isinstance(grads, tf.distribute.DistributedValues)
+    with strategy.scope():
+        with pytest.raises(RuntimeError, match="cross-replica context"):
+            opt.apply_gradients([(grads, var)])
+        assert opt.iterations.numpy() == 0
+        opt.apply_gradients([(grads, var)], skip_gradients_aggregation=True)
+    assert opt.iterations.numpy() == 1
+    for v in var.values:
+        np.testing.assert_allclose(v.numpy(), [0.9, 2.1, 2.9], rtol=1e-6)
+
+
 def test_variable_created_outside_scope_is_an_error():
     strategy = _strategy("mirrored")
     outside = tf.Variable([1.0, 2.0], name="outside_var")

@@ -44,6 +44,7 @@ def test_weight_decay_exclusions_by_name_survive_config_and_keras_file(tmp_path)
     config = opt.get_config()
     assert config["exclude_from_weight_decay_names"] == ["bias"]
     assert tf_lion.Lion.from_config(config).get_config() == config
+    assert tf_lion.Lion(**config).get_config() == config  # as for every tf-keras optimizer
     assert "exclude_from_weight_decay_names" not in tf_lion.Lion().get_config()
 
     x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)

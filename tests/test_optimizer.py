@@ -328,11 +328,12 @@ def test_numpy_and_list_gradients_are_converted():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("beta_1,beta_2", [(0.9, 0.9), (0.95, 0.9)])
+@pytest.mark.parametrize("beta_1,beta_2", [(0.9, 0.9), (0.95, 0.9), (0.9, 1.0)])
 def test_infinite_gradient_with_beta_1_not_below_beta_2_gives_the_textbook_step(
         jit_compile, beta_1, beta_2):
     """sign(inf) = 1: theta moves by lr. The rebuilt direction would compute
-    0 * inf or inf - inf (NaN), so beta_1 >= beta_2 keeps the textbook order."""
+    0 * inf or inf - inf (NaN), so beta_1 >= beta_2 (and beta_2 = 1, where
+    the momentum's own update is 0 * inf) keep the textbook order."""
     opt = tf_lion.Lion(0.1, beta_1=beta_1, beta_2=beta_2, jit_compile=jit_compile)
     assert not opt._momentum_first
     var = tf.Variable([1.0, 1.0])

@@ -38,10 +38,27 @@ _SCHEDULE = tf_keras.optimizers.schedules.ExponentialDecay(0.9, 10, 0.5)
     (dict(beta_1=_SCHEDULE), r"beta_1.*LearningRateSchedule"),
     (dict(beta_2=_SCHEDULE), r"beta_2.*LearningRateSchedule"),
     (dict(weight_decay=_SCHEDULE), r"weight_decay.*LearningRateSchedule"),
+    (dict(learning_rate="0.1"), r"learning_rate.*'0\.1'"),
+    (dict(beta_1="0.9"), r"beta_1.*'0\.9'"),
+    (dict(beta_2=b"0.99"), r"beta_2.*0\.99"),
+    (dict(weight_decay="0.1"), r"weight_decay.*'0\.1'"),
+    (dict(use_ema=True, ema_momentum=float("nan")), r"ema_momentum.*nan"),
+    (dict(use_ema=True, ema_momentum="0.9"), r"ema_momentum.*'0\.9'"),
+    (dict(use_ema=True, ema_momentum=1.5), r"ema_momentum.*1\.5"),
+    (dict(clipnorm=float("inf")), r"clipnorm.*finite.*inf"),
+    (dict(global_clipnorm=float("inf")), r"global_clipnorm.*finite.*inf"),
+    (dict(exclude_from_weight_decay_names="bias"), r"exclude_from_weight_decay_names.*'bias'"),
+    (dict(exclude_from_weight_decay_names=["bias", 3]), r"exclude_from_weight_decay_names"),
 ])
 def test_invalid_hyperparameters_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tf_lion.Lion(**kwargs)
+
+
+def test_infinite_clipvalue_is_no_clipping():
+    var = tf.Variable([1.0, -1.0])
+    tf_lion.Lion(0.1, clipvalue=float("inf")).apply_gradients([(tf.constant([5.0, -5.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), np.float32([1.0, -1.0]) - np.float32([0.1, -0.1]))
 
 
 def test_values_tf_keras_saves_are_accepted():
@@ -150,9 +167,66 @@ def test_dense_gradient_of_unknown_static_shape_is_checked_at_run_time(jit):
     step(tf.ones([3, 4]))  # fits: applied
     moved = var.numpy()
     assert np.all(moved != 0)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="gradient_of_kernel"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"variable \W*kernel:0\W+ does not have its shape|gradient_of_kernel"):
         step(tf.ones([4]))
     np.testing.assert_array_equal(var.numpy(), moved)
+
+
+@pytest.mark.parametrize("outer_jit", [False, True])
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_sparse_gradient_with_counts_unknown_when_traced_must_agree(mode, jit, outer_jit):
+    """5 indices and 3 value rows, counts unknown when traced: an error naming the
+    table (also inside an XLA-compiled step, which drops Assert ops), nothing changed."""
+    var = tf.Variable(tf.ones([6, 2]), name="table")
+    opt = tf_lion.Lion(0.1, sparse_mode=mode, jit_compile=jit)
+
+    @tf.function(jit_compile=outer_jit, input_signature=[
+        tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2])])
+    def step(indices, values):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([6, 2])), var)])
+
+    step(tf.constant([0, 2, 2]), tf.ones([3, 2]))  # counts agree: applied
+    moved = var.numpy()
+    assert np.any(moved != 1.0)
+    for n_indices, n_rows in [(5, 3), (2, 3)]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=(
+                r"variable \W*table:0\W+ has a different number of indices and value rows"
+                r"|gradient_of_table_0_rows")):
+            step(tf.range(n_indices), tf.ones([n_rows, 2]))
+        np.testing.assert_array_equal(var.numpy(), moved)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_per_replica_dense_gradient_of_unknown_shape_is_checked_in_cross_replica_apply(jit):
+    """Per-replica values reduced in a merge_call and applied there: a [1]
+    gradient must not broadcast over a [3] variable on any replica."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        var = tf.Variable([1.0, 2.0, 3.0], name="kernel")
+        opt = tf_lion.Lion(0.1, jit_compile=jit)
+
+    def merge_fn(strategy, grad):
+        reduced = strategy.extended.reduce_to(tf.distribute.ReduceOp.SUM, grad, var)
+        return opt.apply_gradients([(reduced, var)], skip_gradients_aggregation=True)
+
+    @tf.function(input_signature=[tf.TensorSpec([None])])
+    def step(g):
+        def replica_fn(g):
+            ctx = tf.distribute.get_replica_context()
+            g = g * tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)  # per-replica values
+            return ctx.merge_call(merge_fn, args=(g,))
+        strategy.run(replica_fn, args=(g,))
+
+    step(tf.constant([1.0, -1.0, 1.0]))
+    moved = [v.numpy() for v in var.values]
+    np.testing.assert_allclose(moved[0], [0.9, 2.1, 2.9], rtol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"variable \W*kernel:0\W+ does not have its shape|gradient_of_kernel"):
+        step(tf.constant([1.0]))
+    for v, before in zip(var.values, moved):
+        np.testing.assert_array_equal(v.numpy(), before)
 
 
 def test_unused_variable_of_unknown_shape_is_skipped_like_tf_keras():

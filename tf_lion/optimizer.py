@@ -6,7 +6,6 @@ The math is in `tf_lion.update`; nothing here writes the formula.
 """
 
 import numbers
-import re
 import warnings
 import weakref
 
@@ -53,6 +52,10 @@ def _check_hyperparameter(name, value, low, high=None):
             f"Received: {name}={value!r}")
     if _is_plain_callable(value) or isinstance(value, _Schedule):
         return
+    if isinstance(value, (str, bytes)):  # float("0.1") would pass, and fail at the first step
+        raise ValueError(
+            f"`{name}` must be a float, a scalar tensor or variable, or a callable. "
+            f"Received: {name}={value!r}")
     if isinstance(value, (tf.Variable, tf.Tensor)):
         if isinstance(value, tf.Tensor) and not hasattr(value, "numpy"):
             return
@@ -196,8 +199,8 @@ def _as_gradient(grad):
     return grad
 
 
-def _index_checks(distribution, grads_and_vars, variables):
-    """The index checks of every sparse gradient, on the devices of its variable.
+def _gradient_checks(distribution, grads_and_vars, variables):
+    """`step.gradient_checks` of every gradient, on the devices of its variable.
 
     Run before any update: eagerly they raise before anything changes; in a
     graph every update and counter depends on them (without that, updates of
@@ -206,13 +209,14 @@ def _index_checks(distribution, grads_and_vars, variables):
     checks = []
 
     def check(var, grad):
-        checks.append(step_lib.check_indices(var, grad.indices))
+        checks.extend(step_lib.gradient_checks(var, grad))
         # The updates wait for the check ops themselves: a constant made under
         # their control dependency did not hold them back (Grappler drops it).
         return tf.constant(True)
 
     for (grad, _), var in zip(grads_and_vars, variables):
-        if isinstance(step_lib.first_local(distribution, grad), tf.IndexedSlices):
+        local = step_lib.first_local(distribution, grad)  # per-replica values: one replica's
+        if isinstance(local, tf.IndexedSlices) or not local.shape.is_fully_defined():
             distribution.extended.update(var, check, args=(grad,), group=False)
     return [] if tf.executing_eagerly() else checks
 
@@ -227,9 +231,12 @@ def _check_defined_shape(variable):
 def _check_gradient(grad, variable):
     """Errors that name the variable for gradients that cannot be applied to it.
 
-    Returns the gradient; a dense one whose static shape is not fully known
-    gets a runtime shape check (an `EnsureShape` op named after the variable,
-    so that its error names it) instead of being broadcast.
+    What is known when tracing; what is not is checked at run time: by ops
+    in the gradient's path (`step.checked_gradient`, which XLA keeps), and on
+    each device by Assert ops every update waits for (`step.gradient_checks`,
+    which also cover per-replica values). Per-replica values are checked here
+    through one replica's (they share dtype and static shape). Returns the
+    gradient.
     """
     name = variable.name
     dtype = _true_dtype(variable)
@@ -241,6 +248,9 @@ def _check_gradient(grad, variable):
     if grad is None:
         return grad
     _check_defined_shape(variable)
+    given = grad
+    if isinstance(grad, tf.distribute.DistributedValues):
+        grad = grad.values[0]
     values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
     if values.dtype != dtype:
         raise TypeError(
@@ -269,23 +279,21 @@ def _check_gradient(grad, variable):
             f"The gradient of variable '{name}' has shape {values.shape}, but the variable "
             f"has shape {variable.shape}."
         )
-    elif isinstance(values, tf.Tensor) and not values.shape.is_fully_defined():
-        # (not a strategy's per-replica values, whose shape may be unknown)
-        op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", name)
-        return tf.ensure_shape(values, variable.shape, name=op_name)
-    return grad
+    return step_lib.checked_gradient(variable, given)
 
 
 def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stochastic_rounding,
                    seed, jit_compile=True, use_ema=False, clipping=()):
     """ValueError naming the argument for invalid step options."""
     for name, value in clipping:  # 0 is "off", as in tf-keras
+        # An infinite norm clips to inf / inf = NaN; an infinite clipvalue is no clipping.
+        finite = name != "clipvalue"
         if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Real)
-                or np.isnan(value) or value < 0):
+                or np.isnan(value) or value < 0 or (finite and np.isinf(value))):
             raise ValueError(
-                f"`{name}` must be None, 0 (no clipping) or a float > 0. "
-                f"Received: {name}={value!r}")
+                f"`{name}` must be None, 0 (no clipping) or a {'finite ' if finite else ''}"
+                f"float > 0. Received: {name}={value!r}")
     if accumulation_steps is not None and (
             isinstance(accumulation_steps, bool)
             or not isinstance(accumulation_steps, numbers.Integral)
@@ -357,6 +365,8 @@ class Lion(keras_optimizer.Optimizer):
       stochastic_rounding: if True, float16/bfloat16 variables (and momenta)
         are rounded to their dtype stochastically, without bias.
       seed: int, the seed of stochastic rounding (default 0).
+      exclude_from_weight_decay_names: None, or a list of patterns: as
+        `exclude_from_weight_decay(var_names=...)`, and kept in `get_config`.
     """
 
     def __init__(
@@ -380,12 +390,15 @@ class Lion(keras_optimizer.Optimizer):
         stochastic_rounding=False,
         seed=None,
         name="Lion",
+        exclude_from_weight_decay_names=None,
         **kwargs,
     ):
         _check_hyperparameter("learning_rate", learning_rate, 0.0)
         _check_hyperparameter("beta_1", beta_1, 0.0, 1.0)
         _check_hyperparameter("beta_2", beta_2, 0.0, 1.0)
         _check_hyperparameter("weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0)
+        if use_ema:
+            _check_hyperparameter("ema_momentum", ema_momentum, 0.0, 1.0)
         if sparse_mode not in SPARSE_MODES:
             raise ValueError(
                 f"`sparse_mode` must be one of {SPARSE_MODES}. Received: sparse_mode={sparse_mode!r}"
@@ -438,6 +451,14 @@ class Lion(keras_optimizer.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.seed = _python_number(seed)
+        if exclude_from_weight_decay_names is not None:
+            names = exclude_from_weight_decay_names
+            if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    "`exclude_from_weight_decay_names` must be a list of strings (patterns "
+                    "searched in variable names). Received: "
+                    f"exclude_from_weight_decay_names={names!r}")
+            self.exclude_from_weight_decay(var_names=list(names))
         if self.skip_nonfinite:
             self._skipped_steps = tf.Variable(
                 0, name="skipped_steps", dtype=tf.int64, trainable=False,
@@ -459,13 +480,14 @@ class Lion(keras_optimizer.Optimizer):
         instead of copying it every step. A beta_2 that may change (a tensor,
         variable or callable) or is below `update.MOMENTUM_FIRST_MIN_BETA_2`
         (where the rebuilt direction loses precision) keeps the textbook order,
-        and so does beta_1 >= beta_2: there `(beta_2 - beta_1) * g` is `0 * inf`
-        or `inf - inf` for an infinite gradient, NaN where the textbook `c` is inf.
+        and so do beta_1 >= beta_2 and beta_2 = 1: there `(beta_2 - beta_1) * g`
+        or `(1 - beta_2) * g` is `0 * inf` or `inf - inf` for an infinite
+        gradient, NaN where the textbook `c` is inf.
         """
         beta_1, beta_2 = self.beta_1, self.beta_2
         fixed = all(isinstance(b, numbers.Real) and not isinstance(b, bool)
                     for b in (beta_1, beta_2))
-        return bool(fixed and beta_2 >= update_lib.MOMENTUM_FIRST_MIN_BETA_2
+        return bool(fixed and update_lib.MOMENTUM_FIRST_MIN_BETA_2 <= beta_2 < 1
                     and beta_1 < beta_2)
 
     @property
@@ -992,10 +1014,10 @@ class Lion(keras_optimizer.Optimizer):
         grads_and_vars = [(_as_gradient(g), v) for g, v in grads_and_vars]
         if not grads_and_vars:
             return self._iterations
-        grads_and_vars = [(_check_gradient(g, v), v) for g, v in grads_and_vars]
         aggregate = aggregate and not skip_gradients_aggregation
         if aggregate:
             distribute_lib.check_replica_context(self.name)
+        grads_and_vars = [(_check_gradient(g, v), v) for g, v in grads_and_vars]
         strategy = distribute_lib.check_strategy(self._bound_strategy, self.name)
         distribute_lib.check_variables([_unwrap(v) for _, v in grads_and_vars], self.name)
         self._bound_strategy = self._distribution_strategy = strategy
@@ -1125,9 +1147,7 @@ class Lion(keras_optimizer.Optimizer):
         update_fn, weight_decay = self._update_fn()
         slots, weight_decay, seed = self._variable_args(
             variable, weight_decay, tf.cast(self.iterations, tf.int64))
-        checks = ([step_lib.check_indices(variable, gradient.indices)]
-                  if isinstance(gradient, tf.IndexedSlices) else [])
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(step_lib.gradient_checks(variable, gradient)):
             return update_fn(variable, [variable], [gradient], [slots], [weight_decay], None,
                              [seed])
 
@@ -1150,8 +1170,8 @@ class Lion(keras_optimizer.Optimizer):
             clip_scale = self._global_clip_scale(
                 distribution, [slots["accumulator"] for _, slots, _, _ in per_variable],
                 [grad for grad, _ in grads_and_vars], apply_now)
-        # Nothing changes before every sparse gradient's indices are checked.
-        with tf.control_dependencies(_index_checks(distribution, grads_and_vars, variables)):
+        # Nothing changes before every gradient's run-time checks have passed.
+        with tf.control_dependencies(_gradient_checks(distribution, grads_and_vars, variables)):
             for group in groups:
                 grads, slots, wds, seeds = (list(x) for x in zip(*[per_variable[i] for i in group]))
                 members = [variables[i] for i in group]
@@ -1231,16 +1251,6 @@ class Lion(keras_optimizer.Optimizer):
         if names:  # `var_list` exclusions are variables: they cannot be written here
             config["exclude_from_weight_decay_names"] = names
         return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        """As tf-keras's; also restores `exclude_from_weight_decay(var_names=...)`."""
-        config = dict(config)
-        names = config.pop("exclude_from_weight_decay_names", None)
-        optimizer = super().from_config(config, custom_objects=custom_objects)
-        if names:
-            optimizer.exclude_from_weight_decay(var_names=names)
-        return optimizer
 
 
 keras_compat.register_saved_model_type(Lion)  # a SavedModel of a trained model loads

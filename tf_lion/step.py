@@ -19,6 +19,7 @@ import collections
 import functools
 import math
 import os
+import re
 import zlib
 
 import numpy as np
@@ -41,6 +42,63 @@ def check_indices(variable, indices):
         tf.debugging.assert_non_negative(indices, message=message),
         tf.debugging.assert_less(indices, rows, message=message),
     )
+
+
+def gradient_checks(variable, gradient):
+    """The run-time checks of one variable's gradient on one device: Assert ops.
+
+    The optimizer makes every update of a step wait for them (Assert ops are
+    stateful: graph optimizations keep them). Sparse: the indices lie inside
+    the table (`check_indices`) and, when a count is not known when traced,
+    there are as many indices as value rows. Dense, of a static shape not
+    fully known: the variable's shape (a wrong one would broadcast). XLA
+    drops Assert ops; `checked_gradient` puts checks that XLA keeps in the
+    gradient's own path. Eagerly, shapes are known and nothing is added.
+    """
+    name = variable.name
+    if isinstance(gradient, tf.IndexedSlices):
+        checks = [check_indices(variable, gradient.indices)]
+        values, indices = gradient.values, gradient.indices
+        if not (values.shape[:1].is_fully_defined() and indices.shape[:1].is_fully_defined()):
+            checks.append(tf.debugging.assert_equal(
+                tf.shape(indices, out_type=tf.int64)[0], tf.shape(values, out_type=tf.int64)[0],
+                message=(f"The sparse gradient of variable '{name}' has a different number of "
+                         f"indices and value rows.")))
+        return checks
+    if isinstance(gradient, tf.Tensor) and not gradient.shape.is_fully_defined():
+        shape = tf.shape(gradient, out_type=tf.int64)
+        message = f"The gradient of variable '{name}' does not have its shape {variable.shape}."
+        rank = tf.debugging.assert_equal(tf.size(shape, out_type=tf.int64),
+                                         tf.constant(variable.shape.rank, tf.int64),
+                                         message=message)
+        with tf.control_dependencies([rank]):  # compared only once the ranks agree
+            return [tf.debugging.assert_equal(
+                shape, tf.constant(variable.shape.as_list(), tf.int64), message=message)]
+    return []
+
+
+def checked_gradient(variable, gradient):
+    """`gradient`, through ops that fail (naming the variable) if it does not fit.
+
+    Only for a gradient whose static shape leaves it open, in a graph: a
+    dense one passes an `EnsureShape` named `gradient_of_<variable>`, a
+    sparse one's values a reshape to as many rows as indices, named
+    `gradient_of_<variable>_rows`. Unlike Assert ops (`gradient_checks`),
+    these fail under XLA too: there, when the step is compiled.
+    """
+    if not isinstance(gradient, (tf.Tensor, tf.IndexedSlices)):
+        return gradient
+    op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", variable.name)
+    if isinstance(gradient, tf.IndexedSlices):
+        values, indices = gradient.values, gradient.indices
+        if values.shape[:1].is_fully_defined() and indices.shape[:1].is_fully_defined():
+            return gradient
+        rows = tf.concat([tf.shape(indices)[:1], tf.shape(values)[1:]], 0)
+        values = tf.reshape(values, rows, name=op_name + "_rows")
+        return tf.IndexedSlices(values, indices, gradient.dense_shape)
+    if gradient.shape.is_fully_defined():
+        return gradient
+    return tf.ensure_shape(gradient, variable.shape, name=op_name)
 
 
 def apply_rule(variable, gradient, momentum, lr, beta_1, beta_2, weight_decay, sparse_mode,
