@@ -340,6 +340,26 @@ def test_shape_read_from_an_input_value_is_not_compiled_in(as_specs):
     assert tpu.check_compiles(lambda ids, lengths: tf.reduce_sum(ids[:, :5]), *args).ok
 
 
+def test_sparse_and_ragged_example_values_are_not_compiled_in_either():
+    sparse = tf.sparse.SparseTensor([[0, 0], [1, 2]], [1, 3], [2, 4])
+    report = tpu.compile_report(
+        lambda s: tf.reduce_sum(tf.ones([tf.reduce_max(s.values)])), sparse)
+    assert not report.ok and "constant({1, 3})" not in report.hlo_text
+    ragged = tf.ragged.constant([[1, 2], [3]])
+    assert not tpu.compile_report(
+        lambda r: tf.reduce_sum(tf.ones([tf.reduce_max(r.row_lengths())])), ragged).ok
+    assert tpu.check_compiles(lambda r: tf.reduce_sum(r.values), ragged).ok
+    report = tpu.compile_report(lambda r: tf.reduce_sum(r.values),
+                                tf.RaggedTensorSpec.from_value(ragged))
+    assert [p.kind for p in report.problems] == ["dynamic-shape"]
+    assert "unknown dimensions" in report.problems[0].detail
+
+
+def test_problems_name_the_steps_own_arguments():
+    report = tpu.compile_report(lambda words: tf.strings.length(words), tf.constant(["ab"]))
+    assert any("'words'" in p.detail for p in report.problems)
+
+
 def test_host_transfer_and_custom_call_in_compiled_hlo():
     def recv_step(x):
         return gen_xla_ops.xla_recv(tf.float32, tensor_name="t", shape=[3]) + x

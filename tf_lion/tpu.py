@@ -757,13 +757,15 @@ def _spec_inputs(fn, args, kwargs):
         bound.apply_defaults()
         args, kwargs = bound.args, bound.kwargs
     structure = (args, kwargs)
-    leaves = tf.nest.flatten(structure)
+    # Composite tensors (sparse, ragged) and their specs count by their components.
+    leaves = tf.nest.flatten(structure, expand_composites=True)
+    names = _leaf_names(fn, args, kwargs)
     positions, specs = [], []
-    for i, leaf in enumerate(leaves):
+    for i, (leaf, name) in enumerate(zip(leaves, names)):
         if isinstance(leaf, tf.TensorSpec):
-            specs.append(leaf)
+            specs.append(tf.TensorSpec(leaf.shape, leaf.dtype, name=leaf.name or name))
         elif isinstance(leaf, (tf.Tensor, np.ndarray)) and not isinstance(leaf, tf.Variable):
-            specs.append(tf.TensorSpec(leaf.shape, tf.as_dtype(leaf.dtype)))
+            specs.append(tf.TensorSpec(leaf.shape, tf.as_dtype(leaf.dtype), name=name))
         else:
             continue
         positions.append(i)
@@ -772,9 +774,31 @@ def _spec_inputs(fn, args, kwargs):
         filled = list(leaves)
         for i, tensor in zip(positions, tensors):
             filled[i] = tensor
-        call_args, call_kwargs = tf.nest.pack_sequence_as(structure, filled)
+        call_args, call_kwargs = tf.nest.pack_sequence_as(structure, filled,
+                                                         expand_composites=True)
         return fn(*call_args, **call_kwargs)
     return tf.function(step_of_tensors, jit_compile=True, autograph=False), specs
+
+
+def _leaf_names(fn, args, kwargs):
+    """A name for each leaf of `tf.nest.flatten((args, kwargs), expand_composites=True)`.
+
+    The argument's parameter name (`x`), with the leaf's place inside it
+    (`batch_1`) for a structure: the checked program's inputs, and so its
+    problems, name the step's own arguments.
+    """
+    try:
+        parameters = list(inspect.signature(fn.python_function).parameters)
+    except (TypeError, ValueError):
+        parameters = []
+    names = []
+    tops = [(parameters[i] if i < len(parameters) else f"arg{i}", arg)
+            for i, arg in enumerate(args)]
+    tops += [(key, kwargs[key]) for key in sorted(kwargs)]  # tf.nest's order of a dict
+    for base, value in tops:
+        count = len(tf.nest.flatten(value, expand_composites=True))
+        names += [base] if count == 1 else [f"{base}_{j}" for j in range(count)]
+    return names
 
 
 def compile_report(step_fn, *args, **kwargs):
@@ -801,7 +825,7 @@ def compile_report(step_fn, *args, **kwargs):
     fn = xla_function(step_fn)
     # Tracing and argument errors propagate; only compiling is reported on.
     concrete_fn = fn.get_concrete_function(*args, **kwargs)
-    unknown = [spec for spec in tf.nest.flatten((args, kwargs))
+    unknown = [spec for spec in tf.nest.flatten((args, kwargs), expand_composites=True)
                if isinstance(spec, tf.TensorSpec) and not spec.shape.is_fully_defined()]
     if unknown:
         shapes = ", ".join(str(spec.shape) for spec in unknown)
