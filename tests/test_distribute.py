@@ -348,6 +348,21 @@ def test_per_replica_gradients_in_cross_replica_context(jit_compile):
         np.testing.assert_allclose(v.numpy(), [0.9, 2.1, 2.9], rtol=1e-6)
 
 
+def test_per_replica_gradient_of_another_shape_on_one_replica_is_an_error():
+    strategy = _strategy("mirrored")
+    with strategy.scope():
+        var = tf.Variable([1.0, 2.0, 3.0, 4.0], name="kernel")
+        opt = tf_lion.Lion(0.1)
+    grads = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.ones([4]) if ctx.replica_id_in_sync_group == 0 else tf.ones([1]))
+    with strategy.scope():
+        with pytest.raises(ValueError, match="kernel.*shape"):
+            opt.apply_gradients([(grads, var)], skip_gradients_aggregation=True)
+    assert opt.iterations.numpy() == 0
+    for v in var.values:
+        np.testing.assert_array_equal(v.numpy(), [1.0, 2.0, 3.0, 4.0])
+
+
 def test_variable_created_outside_scope_is_an_error():
     strategy = _strategy("mirrored")
     outside = tf.Variable([1.0, 2.0], name="outside_var")

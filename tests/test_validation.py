@@ -156,21 +156,25 @@ def test_sparse_gradient_with_more_indices_than_rows_names_variable():
 
 @pytest.mark.parametrize("jit", [True, False])
 def test_dense_gradient_of_unknown_static_shape_is_checked_at_run_time(jit):
-    """A [4] gradient would broadcast over a [3, 4] variable; it must fail instead."""
+    """A [4] gradient would broadcast over a [3, 4] variable; it must fail instead,
+    before any variable (here one with an XLA program of its own) or counter changes."""
     var = tf.Variable(tf.zeros([3, 4]), name="kernel")
+    other = tf.Variable(tf.ones([2 ** 18]), name="other")
     opt = tf_lion.Lion(jit_compile=jit)
 
     @tf.function(input_signature=[tf.TensorSpec(None)])
     def step(g):
-        opt.apply_gradients([(g, var)])
+        opt.apply_gradients([(tf.ones([2 ** 18]), other), (g, var)])
 
     step(tf.ones([3, 4]))  # fits: applied
-    moved = var.numpy()
-    assert np.all(moved != 0)
+    moved, other_moved = var.numpy(), other.numpy()
+    assert np.all(moved != 0) and opt.iterations.numpy() == 1
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"variable \W*kernel:0\W+ does not have its shape|gradient_of_kernel"):
         step(tf.ones([4]))
     np.testing.assert_array_equal(var.numpy(), moved)
+    np.testing.assert_array_equal(other.numpy(), other_moved)
+    assert opt.iterations.numpy() == 1
 
 
 @pytest.mark.parametrize("outer_jit", [False, True])
@@ -183,19 +187,20 @@ def test_sparse_gradient_with_counts_unknown_when_traced_must_agree(mode, jit, o
     opt = tf_lion.Lion(0.1, sparse_mode=mode, jit_compile=jit)
 
     @tf.function(jit_compile=outer_jit, input_signature=[
-        tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 2])])
+        tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None])])
     def step(indices, values):
         opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([6, 2])), var)])
 
     step(tf.constant([0, 2, 2]), tf.ones([3, 2]))  # counts agree: applied
-    moved = var.numpy()
+    moved, counted = var.numpy(), opt.iterations.numpy()
     assert np.any(moved != 1.0)
-    for n_indices, n_rows in [(5, 3), (2, 3)]:
+    for n_indices, n_rows, width in [(5, 3, 2), (2, 3, 2), (2, 2, 1)]:  # [2, 1] would broadcast
         with pytest.raises(tf.errors.InvalidArgumentError, match=(
-                r"variable \W*table:0\W+ has a different number of indices and value rows"
-                r"|gradient_of_table_0_rows")):
-            step(tf.range(n_indices), tf.ones([n_rows, 2]))
+                r"variable \W*table:0\W+ has (a different number of indices and value rows"
+                r"|value rows of another shape)|gradient_of_table_0_rows")):
+            step(tf.range(n_indices), tf.ones([n_rows, width]))
         np.testing.assert_array_equal(var.numpy(), moved)
+        assert opt.iterations.numpy() == counted
 
 
 @pytest.mark.parametrize("jit", [True, False])

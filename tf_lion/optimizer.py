@@ -215,8 +215,9 @@ def _gradient_checks(distribution, grads_and_vars, variables):
         return tf.constant(True)
 
     for (grad, _), var in zip(grads_and_vars, variables):
-        local = step_lib.first_local(distribution, grad)  # per-replica values: one replica's
-        if isinstance(local, tf.IndexedSlices) or not local.shape.is_fully_defined():
+        local = step_lib.first_local(distribution, grad)  # one replica's: all are checked
+        if isinstance(local, tf.IndexedSlices) or isinstance(
+                grad, tf.distribute.DistributedValues) or not local.shape.is_fully_defined():
             distribution.extended.update(var, check, args=(grad,), group=False)
     return [] if tf.executing_eagerly() else checks
 
@@ -231,12 +232,11 @@ def _check_defined_shape(variable):
 def _check_gradient(grad, variable):
     """Errors that name the variable for gradients that cannot be applied to it.
 
-    What is known when tracing; what is not is checked at run time: by ops
-    in the gradient's path (`step.checked_gradient`, which XLA keeps), and on
-    each device by Assert ops every update waits for (`step.gradient_checks`,
-    which also cover per-replica values). Per-replica values are checked here
-    through one replica's (they share dtype and static shape). Returns the
-    gradient.
+    What is known when tracing, for each replica's value of per-replica
+    values; what is not is checked at run time, on each device, by Assert ops
+    every update and counter waits for (`step.gradient_checks`), and under
+    XLA, which drops Assert ops, by ops in the gradient's path that fail when
+    the step is compiled (`step.checked_gradient`). Returns the gradient.
     """
     name = variable.name
     dtype = _true_dtype(variable)
@@ -248,9 +248,10 @@ def _check_gradient(grad, variable):
     if grad is None:
         return grad
     _check_defined_shape(variable)
-    given = grad
     if isinstance(grad, tf.distribute.DistributedValues):
-        grad = grad.values[0]
+        for local in grad.values:  # each replica's, whose shapes may differ
+            _check_gradient(local, variable)
+        return grad
     values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
     if values.dtype != dtype:
         raise TypeError(
@@ -279,7 +280,7 @@ def _check_gradient(grad, variable):
             f"The gradient of variable '{name}' has shape {values.shape}, but the variable "
             f"has shape {variable.shape}."
         )
-    return step_lib.checked_gradient(variable, given)
+    return step_lib.checked_gradient(variable, grad)
 
 
 def _check_options(accumulation_steps, loss_scale_factor, skip_nonfinite, stochastic_rounding,
@@ -453,6 +454,8 @@ class Lion(keras_optimizer.Optimizer):
         self.seed = _python_number(seed)
         if exclude_from_weight_decay_names is not None:
             names = exclude_from_weight_decay_names
+            if not isinstance(names, (str, bytes)):
+                names = list(names)  # once: a generator would be used up by the check
             if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in names):
                 raise ValueError(
                     "`exclude_from_weight_decay_names` must be a list of strings (patterns "

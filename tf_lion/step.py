@@ -44,21 +44,34 @@ def check_indices(variable, indices):
     )
 
 
+def _assert_shape(shape, expected, message):
+    """An Assert that the int64 vector `shape` equals the list `expected`."""
+    rank = tf.debugging.assert_equal(tf.size(shape, out_type=tf.int64),
+                                     tf.constant(len(expected), tf.int64), message=message)
+    with tf.control_dependencies([rank]):  # compared only once the ranks agree
+        return tf.debugging.assert_equal(shape, tf.constant(expected, tf.int64), message=message)
+
+
 def gradient_checks(variable, gradient):
     """The run-time checks of one variable's gradient on one device: Assert ops.
 
-    The optimizer makes every update of a step wait for them (Assert ops are
-    stateful: graph optimizations keep them). Sparse: the indices lie inside
-    the table (`check_indices`) and, when a count is not known when traced,
-    there are as many indices as value rows. Dense, of a static shape not
-    fully known: the variable's shape (a wrong one would broadcast). XLA
-    drops Assert ops; `checked_gradient` puts checks that XLA keeps in the
-    gradient's own path. Eagerly, shapes are known and nothing is added.
+    For what its static shape leaves open. The optimizer makes every update
+    and counter of a step wait for them (Assert ops are stateful: graph
+    optimizations keep them). Dense: the variable's shape (a wrong one would
+    broadcast). Sparse: the indices lie inside the table (`check_indices`),
+    the value rows have the variable's trailing shape, and there are as many
+    rows as indices. Under XLA, which drops Assert ops, `checked_gradient`
+    checks instead; eagerly, shapes are known and nothing is added.
     """
     name = variable.name
     if isinstance(gradient, tf.IndexedSlices):
         checks = [check_indices(variable, gradient.indices)]
         values, indices = gradient.values, gradient.indices
+        if not values.shape[1:].is_fully_defined():
+            checks.append(_assert_shape(
+                tf.shape(values, out_type=tf.int64)[1:], variable.shape[1:].as_list(),
+                f"The sparse gradient of variable '{name}' has value rows of another shape "
+                f"than the variable's rows {variable.shape[1:]}."))
         if not (values.shape[:1].is_fully_defined() and indices.shape[:1].is_fully_defined()):
             checks.append(tf.debugging.assert_equal(
                 tf.shape(indices, out_type=tf.int64)[0], tf.shape(values, out_type=tf.int64)[0],
@@ -66,34 +79,30 @@ def gradient_checks(variable, gradient):
                          f"indices and value rows.")))
         return checks
     if isinstance(gradient, tf.Tensor) and not gradient.shape.is_fully_defined():
-        shape = tf.shape(gradient, out_type=tf.int64)
-        message = f"The gradient of variable '{name}' does not have its shape {variable.shape}."
-        rank = tf.debugging.assert_equal(tf.size(shape, out_type=tf.int64),
-                                         tf.constant(variable.shape.rank, tf.int64),
-                                         message=message)
-        with tf.control_dependencies([rank]):  # compared only once the ranks agree
-            return [tf.debugging.assert_equal(
-                shape, tf.constant(variable.shape.as_list(), tf.int64), message=message)]
+        return [_assert_shape(
+            tf.shape(gradient, out_type=tf.int64), variable.shape.as_list(),
+            f"The gradient of variable '{name}' does not have its shape {variable.shape}.")]
     return []
 
 
 def checked_gradient(variable, gradient):
-    """`gradient`, through ops that fail (naming the variable) if it does not fit.
+    """Under XLA, `gradient` through ops that fail (naming the variable) if it does not fit.
 
-    Only for a gradient whose static shape leaves it open, in a graph: a
-    dense one passes an `EnsureShape` named `gradient_of_<variable>`, a
-    sparse one's values a reshape to as many rows as indices, named
-    `gradient_of_<variable>_rows`. Unlike Assert ops (`gradient_checks`),
-    these fail under XLA too: there, when the step is compiled.
+    XLA drops the Assert ops of `gradient_checks` but compiles for static
+    shapes, so there a gradient whose static shape leaves it open passes an
+    `EnsureShape` named `gradient_of_<variable>` (dense) or, sparse, its
+    values a reshape to as many rows as indices of the variable's row shape,
+    named `gradient_of_<variable>_rows`: a misfit fails when the step is
+    compiled, before anything runs. Elsewhere the gradient is returned as is.
     """
-    if not isinstance(gradient, (tf.Tensor, tf.IndexedSlices)):
+    if not isinstance(gradient, (tf.Tensor, tf.IndexedSlices)) or not update_lib.in_xla_context():
         return gradient
     op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", variable.name)
     if isinstance(gradient, tf.IndexedSlices):
         values, indices = gradient.values, gradient.indices
-        if values.shape[:1].is_fully_defined() and indices.shape[:1].is_fully_defined():
+        if values.shape.is_fully_defined() and indices.shape[:1].is_fully_defined():
             return gradient
-        rows = tf.concat([tf.shape(indices)[:1], tf.shape(values)[1:]], 0)
+        rows = tf.concat([tf.shape(indices)[:1], variable.shape[1:].as_list()], 0)
         values = tf.reshape(values, rows, name=op_name + "_rows")
         return tf.IndexedSlices(values, indices, gradient.dense_shape)
     if gradient.shape.is_fully_defined():
