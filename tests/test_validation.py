@@ -154,27 +154,36 @@ def test_sparse_gradient_with_more_indices_than_rows_names_variable():
     np.testing.assert_array_equal(var.numpy(), np.zeros([5, 2]))
 
 
+@pytest.mark.parametrize("accumulation", [None, 2])
 @pytest.mark.parametrize("jit", [True, False])
-def test_dense_gradient_of_unknown_static_shape_is_checked_at_run_time(jit):
-    """A [4] gradient would broadcast over a [3, 4] variable; it must fail instead,
-    before any variable (here one with an XLA program of its own) or counter changes."""
+def test_dense_gradient_of_unknown_static_shape_is_checked_at_run_time(jit, accumulation):
+    """A [4] (or [1, 4]) gradient would broadcast over a [3, 4] variable; it must
+    fail instead, naming it, before any variable (here one with an XLA program
+    of its own), slot or counter changes."""
     var = tf.Variable(tf.zeros([3, 4]), name="kernel")
     other = tf.Variable(tf.ones([2 ** 18]), name="other")
-    opt = tf_lion.Lion(jit_compile=jit)
+    opt = tf_lion.Lion(jit_compile=jit, gradient_accumulation_steps=accumulation)
 
     @tf.function(input_signature=[tf.TensorSpec(None)])
     def step(g):
         opt.apply_gradients([(tf.ones([2 ** 18]), other), (g, var)])
 
-    step(tf.ones([3, 4]))  # fits: applied
+    for _ in range(accumulation or 1):
+        step(tf.ones([3, 4]))  # fits: applied
     moved, other_moved = var.numpy(), other.numpy()
-    assert np.all(moved != 0) and opt.iterations.numpy() == 1
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"variable \W*kernel:0\W+ does not have its shape|gradient_of_kernel"):
-        step(tf.ones([4]))
+    assert np.all(moved != 0)
+    counted = opt.iterations.numpy()
+    state = [s.numpy() for s in opt.variables]
+    for bad in (tf.ones([4]), tf.ones([1, 4])):
+        for _ in range(accumulation or 1):
+            with pytest.raises(tf.errors.InvalidArgumentError, match=(
+                    r"variable \W*kernel:0\W+ does not have its shape|gradient_of_kernel")):
+                step(bad)
     np.testing.assert_array_equal(var.numpy(), moved)
     np.testing.assert_array_equal(other.numpy(), other_moved)
-    assert opt.iterations.numpy() == 1
+    assert opt.iterations.numpy() == counted
+    for before, after in zip(state, opt.variables):
+        np.testing.assert_array_equal(after.numpy(), before)
 
 
 @pytest.mark.parametrize("outer_jit", [False, True])
@@ -194,10 +203,11 @@ def test_sparse_gradient_with_counts_unknown_when_traced_must_agree(mode, jit, o
     step(tf.constant([0, 2, 2]), tf.ones([3, 2]))  # counts agree: applied
     moved, counted = var.numpy(), opt.iterations.numpy()
     assert np.any(moved != 1.0)
-    for n_indices, n_rows, width in [(5, 3, 2), (2, 3, 2), (2, 2, 1)]:  # [2, 1] would broadcast
+    # [2, 1] would broadcast; [1, 6] for 3 indices has the right number of elements
+    for n_indices, n_rows, width in [(5, 3, 2), (2, 3, 2), (2, 2, 1), (3, 1, 6)]:
         with pytest.raises(tf.errors.InvalidArgumentError, match=(
                 r"variable \W*table:0\W+ has (a different number of indices and value rows"
-                r"|value rows of another shape)|gradient_of_table_0_rows")):
+                r"|value rows of another shape)|gradient_of_table_0")):
             step(tf.range(n_indices), tf.ones([n_rows, width]))
         np.testing.assert_array_equal(var.numpy(), moved)
         assert opt.iterations.numpy() == counted

@@ -233,10 +233,12 @@ def _check_gradient(grad, variable):
     """Errors that name the variable for gradients that cannot be applied to it.
 
     What is known when tracing, for each replica's value of per-replica
-    values; what is not is checked at run time, on each device, by Assert ops
-    every update and counter waits for (`step.gradient_checks`), and under
-    XLA, which drops Assert ops, by ops in the gradient's path that fail when
-    the step is compiled (`step.checked_gradient`). Returns the gradient.
+    values. What is not is checked at run time: by ops in the gradient's own
+    path (`step.checked_gradient`: the returned gradient passes them; XLA
+    fails on them when it compiles), and on each device by Assert ops
+    (`step.gradient_checks`, which also cover per-replica values applied in
+    a cross-replica context). Every update and counter of the step waits for
+    both. Returns the gradient.
     """
     name = variable.name
     dtype = _true_dtype(variable)
@@ -1020,6 +1022,9 @@ class Lion(keras_optimizer.Optimizer):
         aggregate = aggregate and not skip_gradients_aggregation
         if aggregate:
             distribute_lib.check_replica_context(self.name)
+        # The steps of a gradient whose shape is checked at run time wait for
+        # every gradient (and so for its checks): nothing changes if one fails.
+        wait = any(step_lib.shape_left_open(g) for g, _ in grads_and_vars)
         grads_and_vars = [(_check_gradient(g, v), v) for g, v in grads_and_vars]
         strategy = distribute_lib.check_strategy(self._bound_strategy, self.name)
         distribute_lib.check_variables([_unwrap(v) for _, v in grads_and_vars], self.name)
@@ -1047,11 +1052,11 @@ class Lion(keras_optimizer.Optimizer):
             if tf.distribute.in_cross_replica_context():
                 # Already aggregated, e.g. by LossScaleOptimizer inside its merge_call.
                 iteration = self._distributed_apply_gradients_fn(
-                    strategy, grads_and_vars, finite=finite)
+                    strategy, grads_and_vars, finite=finite, wait_for_gradients=wait)
             else:
                 iteration = tf.__internal__.distribute.interim.maybe_merge_call(
                     self._distributed_apply_gradients_fn, strategy, grads_and_vars,
-                    finite=finite)
+                    finite=finite, wait_for_gradients=wait)
             for variable in variables:
                 if variable.constraint is not None:
                     variable.assign(variable.constraint(variable))
@@ -1155,7 +1160,7 @@ class Lion(keras_optimizer.Optimizer):
                              [seed])
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, finite=None,
-                                        **kwargs):
+                                        wait_for_gradients=False, **kwargs):
         update_fn, weight_decay = self._update_fn()
         step = tf.cast(self.iterations, tf.int64)
         variables = [_unwrap(v) for _, v in grads_and_vars]
@@ -1174,7 +1179,12 @@ class Lion(keras_optimizer.Optimizer):
                 distribution, [slots["accumulator"] for _, slots, _, _ in per_variable],
                 [grad for grad, _ in grads_and_vars], apply_now)
         # Nothing changes before every gradient's run-time checks have passed.
-        with tf.control_dependencies(_gradient_checks(distribution, grads_and_vars, variables)):
+        checks = _gradient_checks(distribution, grads_and_vars, variables)
+        if wait_for_gradients and not tf.executing_eagerly():
+            checks += [t for grad, _ in grads_and_vars if grad is not None
+                       for local in distribution.experimental_local_results(grad)
+                       for t in tf.nest.flatten(local, expand_composites=True)]
+        with tf.control_dependencies(checks):
             for group in groups:
                 grads, slots, wds, seeds = (list(x) for x in zip(*[per_variable[i] for i in group]))
                 members = [variables[i] for i in group]

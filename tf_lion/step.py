@@ -60,8 +60,8 @@ def gradient_checks(variable, gradient):
     optimizations keep them). Dense: the variable's shape (a wrong one would
     broadcast). Sparse: the indices lie inside the table (`check_indices`),
     the value rows have the variable's trailing shape, and there are as many
-    rows as indices. Under XLA, which drops Assert ops, `checked_gradient`
-    checks instead; eagerly, shapes are known and nothing is added.
+    rows as indices. `checked_gradient` puts checks in the gradient's own
+    path, which XLA keeps; eagerly, shapes are known and nothing is added.
     """
     name = variable.name
     if isinstance(gradient, tf.IndexedSlices):
@@ -86,28 +86,38 @@ def gradient_checks(variable, gradient):
 
 
 def checked_gradient(variable, gradient):
-    """Under XLA, `gradient` through ops that fail (naming the variable) if it does not fit.
+    """`gradient`, through ops that fail (naming the variable) if it does not fit.
 
-    XLA drops the Assert ops of `gradient_checks` but compiles for static
-    shapes, so there a gradient whose static shape leaves it open passes an
-    `EnsureShape` named `gradient_of_<variable>` (dense) or, sparse, its
-    values a reshape to as many rows as indices of the variable's row shape,
-    named `gradient_of_<variable>_rows`: a misfit fails when the step is
-    compiled, before anything runs. Elsewhere the gradient is returned as is.
+    Only for a gradient whose static shape leaves it open, in a graph. Dense:
+    an `EnsureShape` named `gradient_of_<variable>`. Sparse: the values pass
+    an `EnsureShape` to the variable's row shape, then a reshape to as many
+    rows as indices, named `gradient_of_<variable>_rows`. Unlike Assert ops
+    (`gradient_checks`), these stay in the gradient's own path: graph
+    optimizations cannot fold them away, and XLA, which drops Assert ops,
+    fails on them when it compiles the step, before anything runs.
     """
-    if not isinstance(gradient, (tf.Tensor, tf.IndexedSlices)) or not update_lib.in_xla_context():
+    if not isinstance(gradient, (tf.Tensor, tf.IndexedSlices)):
         return gradient
     op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", variable.name)
     if isinstance(gradient, tf.IndexedSlices):
         values, indices = gradient.values, gradient.indices
         if values.shape.is_fully_defined() and indices.shape[:1].is_fully_defined():
             return gradient
+        values = tf.ensure_shape(values, [None] + variable.shape[1:].as_list(), name=op_name)
         rows = tf.concat([tf.shape(indices)[:1], variable.shape[1:].as_list()], 0)
         values = tf.reshape(values, rows, name=op_name + "_rows")
         return tf.IndexedSlices(values, indices, gradient.dense_shape)
     if gradient.shape.is_fully_defined():
         return gradient
     return tf.ensure_shape(gradient, variable.shape, name=op_name)
+
+
+def shape_left_open(gradient):
+    """Whether a gradient's static shape leaves room for one that does not fit."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return not (gradient.values.shape.is_fully_defined()
+                    and gradient.indices.shape[:1].is_fully_defined())
+    return isinstance(gradient, tf.Tensor) and not gradient.shape.is_fully_defined()
 
 
 def apply_rule(variable, gradient, momentum, lr, beta_1, beta_2, weight_decay, sparse_mode,
