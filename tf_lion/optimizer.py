@@ -463,7 +463,7 @@ class Lion(keras_optimizer.Optimizer):
                     "`exclude_from_weight_decay_names` must be a list of strings (patterns "
                     "searched in variable names). Received: "
                     f"exclude_from_weight_decay_names={names!r}")
-            self.exclude_from_weight_decay(var_names=list(names))
+            self.exclude_from_weight_decay(var_names=names)
         if self.skip_nonfinite:
             self._skipped_steps = tf.Variable(
                 0, name="skipped_steps", dtype=tf.int64, trainable=False,

@@ -56,12 +56,13 @@ def gradient_checks(variable, gradient):
     """The run-time checks of one variable's gradient on one device: Assert ops.
 
     For what its static shape leaves open. The optimizer makes every update
-    and counter of a step wait for them (Assert ops are stateful: graph
-    optimizations keep them). Dense: the variable's shape (a wrong one would
-    broadcast). Sparse: the indices lie inside the table (`check_indices`),
+    and counter of a step wait for them. Graph optimizations fold an Assert
+    away when shape inference has decided it (an `EnsureShape` of
+    `checked_gradient` next to it does), so they back up `checked_gradient`:
+    they cover per-replica values applied in a cross-replica context, which
+    it does not. Dense: the variable's shape (a wrong one would broadcast). Sparse: the indices lie inside the table (`check_indices`),
     the value rows have the variable's trailing shape, and there are as many
-    rows as indices. `checked_gradient` puts checks in the gradient's own
-    path, which XLA keeps; eagerly, shapes are known and nothing is added.
+    rows as indices. Eagerly, shapes are known and nothing is added.
     """
     name = variable.name
     if isinstance(gradient, tf.IndexedSlices):
@@ -96,19 +97,15 @@ def checked_gradient(variable, gradient):
     optimizations cannot fold them away, and XLA, which drops Assert ops,
     fails on them when it compiles the step, before anything runs.
     """
-    if not isinstance(gradient, (tf.Tensor, tf.IndexedSlices)):
+    if not shape_left_open(gradient):
         return gradient
     op_name = "gradient_of_" + re.sub(r"[^A-Za-z0-9_.]", "_", variable.name)
     if isinstance(gradient, tf.IndexedSlices):
-        values, indices = gradient.values, gradient.indices
-        if values.shape.is_fully_defined() and indices.shape[:1].is_fully_defined():
-            return gradient
-        values = tf.ensure_shape(values, [None] + variable.shape[1:].as_list(), name=op_name)
-        rows = tf.concat([tf.shape(indices)[:1], variable.shape[1:].as_list()], 0)
-        values = tf.reshape(values, rows, name=op_name + "_rows")
-        return tf.IndexedSlices(values, indices, gradient.dense_shape)
-    if gradient.shape.is_fully_defined():
-        return gradient
+        rows = variable.shape[1:].as_list()
+        values = tf.ensure_shape(gradient.values, [None] + rows, name=op_name)
+        values = tf.reshape(values, tf.concat([tf.shape(gradient.indices)[:1], rows], 0),
+                            name=op_name + "_rows")
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
     return tf.ensure_shape(gradient, variable.shape, name=op_name)
 
 
