@@ -750,16 +750,18 @@ def _spec_inputs(fn, args, kwargs):
     compiled, never run.
     """
     try:
-        bound = inspect.signature(fn.python_function).bind(*args, **kwargs)
+        signature = inspect.signature(fn.python_function)
+        bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):  # no Python signature: leave the call as given
-        pass
+        parameters = []
     else:
         bound.apply_defaults()
         args, kwargs = bound.args, bound.kwargs
+        parameters = list(signature.parameters)
     structure = (args, kwargs)
     # Composite tensors (sparse, ragged) and their specs count by their components.
     leaves = tf.nest.flatten(structure, expand_composites=True)
-    names = _leaf_names(fn, args, kwargs)
+    names = _leaf_names(parameters, args, kwargs)
     positions, specs = [], []
     for i, (leaf, name) in enumerate(zip(leaves, names)):
         if isinstance(leaf, tf.TensorSpec):
@@ -780,17 +782,14 @@ def _spec_inputs(fn, args, kwargs):
     return tf.function(step_of_tensors, jit_compile=True, autograph=False), specs
 
 
-def _leaf_names(fn, args, kwargs):
+def _leaf_names(parameters, args, kwargs):
     """A name for each leaf of `tf.nest.flatten((args, kwargs), expand_composites=True)`.
 
-    The argument's parameter name (`x`), with the leaf's place inside it
-    (`batch_1`) for a structure: the checked program's inputs, and so its
-    problems, name the step's own arguments.
+    The argument's parameter name (`x`, from `parameters`, the step's
+    parameter names in order), with the leaf's place inside it (`batch_1`)
+    for a structure: the checked program's inputs, and so its problems, name
+    the step's own arguments.
     """
-    try:
-        parameters = list(inspect.signature(fn.python_function).parameters)
-    except (TypeError, ValueError):
-        parameters = []
     names = []
     tops = [(parameters[i] if i < len(parameters) else f"arg{i}", arg)
             for i, arg in enumerate(args)]
