@@ -1,5 +1,7 @@
 """Checkpoints: momentum (and EMA) saved as slots keyed to their variables."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -579,6 +581,7 @@ def test_two_waiting_keras_files_that_do_not_fit_put_back_the_first_counters(tmp
 class _Var:
     def __init__(self, shape):
         self.shape = tf.TensorShape(shape)
+        self.dtype = tf.float32
 
 
 def test_match_keras_state_by_name_by_position_or_counters_only():
@@ -638,6 +641,73 @@ def test_set_weights_checks_count_and_shapes_by_position():
     with pytest.raises(ValueError, match="has shape \\(3,\\), the weight has shape \\(2,\\)"):
         opt.set_weights([np.int64(1), np.zeros(2, np.float32)])
     assert int(opt.iterations) == 7  # nothing was assigned
+
+
+def _bfloat16_momentum_model(seed=0):
+    tf_keras.utils.set_random_seed(seed)
+    model = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(4, name="a"),
+                                 tf_keras.layers.Dense(2, name="b")])
+    model.compile(optimizer=tf_lion.Lion(1e-2, momentum_dtype="bfloat16", jit_compile=False),
+                  loss="mse")
+    return model
+
+
+def _bfloat16_momenta(model):
+    return [model.optimizer.get_slot(v, "m") for v in model.trainable_variables]
+
+
+@pytest.mark.parametrize("fmt", [".keras", ".h5", ".weights.h5", "weights.h5 before build"])
+def test_keras_files_keep_a_bfloat16_momentum(tmp_path, fmt):
+    """h5py has no bfloat16. tf_lion writes its bfloat16 state widened to
+    float32 (exact); tf-keras's legacy `.h5` writes it itself, as opaque
+    2-byte records, which loading reads back as bfloat16."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 3)).astype(np.float32), rng.standard_normal((16, 2))
+    model = _bfloat16_momentum_model()
+    model.fit(x, y.astype(np.float32), batch_size=8, epochs=2, verbose=0, shuffle=False)
+    saved = [m.numpy() for m in _bfloat16_momenta(model)]
+    assert all(m.dtype == tf.bfloat16.as_numpy_dtype and np.any(m) for m in saved)
+    path = str(tmp_path / ("model" + (fmt if fmt.startswith(".") else ".weights.h5")))
+    if "weights" in fmt:
+        model.save_weights(path)
+        loaded = _bfloat16_momentum_model(seed=5)
+        if fmt == ".weights.h5":
+            loaded.optimizer.build(loaded.trainable_variables)
+        loaded.load_weights(path)
+        loaded.optimizer.build(loaded.trainable_variables)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf-keras: .h5 is a legacy format
+            model.save(path)
+        loaded = tf_keras.models.load_model(path, custom_objects={"Lion": tf_lion.Lion})
+    assert int(loaded.optimizer.iterations) == 4
+    for before, after in zip(saved, _bfloat16_momenta(loaded)):
+        assert after.dtype == tf.bfloat16
+        np.testing.assert_array_equal(after.numpy(), before)
+
+
+def test_keras_file_values_are_all_converted_before_any_is_assigned():
+    """A value that does not convert to its slot's dtype names the slot and
+    leaves every value as it was (the step counter comes first in the file)."""
+    v = tf.Variable(tf.ones([3]), name="v")
+    opt = tf_lion.Lion(jit_compile=False)
+    opt.build([v])
+    labels = np.array([b"iterations", b"m:" + v.name.encode()])
+    with pytest.raises(ValueError, match=r"'m:v:0' \(position 1.*cannot be converted to float32"):
+        opt.load_own_variables({"0": np.int64(5), "1": np.array(["a", "b", "c"]),
+                                "labels": labels})
+    with pytest.raises(ValueError, match="Optimizer variable 'm/v.*cannot be converted"):
+        opt.set_weights([np.int64(5), np.array(["a", "b", "c"])])
+    assert int(opt.iterations) == 0
+    # bfloat16 as h5py stores it, 2-byte records: tf-keras's legacy .h5 (set_weights)
+    # and Keras files of earlier tf_lion versions.
+    bf16 = np.array([0.5, -1.5, 3.0], tf.bfloat16.as_numpy_dtype)
+    opt.set_weights([np.int64(5), bf16.view("V2")])
+    assert int(opt.iterations) == 5
+    np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), [0.5, -1.5, 3.0])
+    opt.load_own_variables({"0": np.int64(6), "1": (2 * bf16).view("V2"), "labels": labels})
+    assert int(opt.iterations) == 6
+    np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), [1.0, -3.0, 6.0])
 
 
 def test_keras_file_without_optimizer_state_warns_and_changes_nothing(tmp_path):

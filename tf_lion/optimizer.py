@@ -852,7 +852,7 @@ class Lion(keras_optimizer.Optimizer):
             state = self._labelled_variables()
             labels, values = [label for label, _ in state], [v.numpy() for _, v in state]
         for i, value in enumerate(values):
-            store[str(i)] = value
+            store[str(i)] = slots_lib.file_value(value)
         if labels is not None:
             store["labels"] = np.array([label.encode("utf-8") for label in labels])
 
@@ -989,14 +989,17 @@ class Lion(keras_optimizer.Optimizer):
             raise ValueError(
                 f"Optimizer '{self.name}' has {len(variables)} variables, got {len(weights)} weights."
             )
-        for variable, weight in zip(variables, weights):  # every shape before any assignment
+        values = []
+        for variable, weight in zip(variables, weights):  # all checked before any assignment
             if tuple(variable.shape) != tuple(np.shape(weight)):
                 raise ValueError(
                     f"Optimizer variable '{variable.name}' has shape {variable.shape}, "
                     f"the weight has shape {np.shape(weight)}."
                 )
-        for variable, weight in zip(variables, weights):
-            variable.assign(weight)
+            values.append(slots_lib.keras_value(
+                weight, variable.dtype, f"Optimizer variable '{variable.name}'"))
+        for variable, value in zip(variables, values):
+            variable.assign(value)
 
     # ------------------------------------------------------------------ #
     # Applying gradients

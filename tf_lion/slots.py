@@ -306,11 +306,45 @@ def match_keras_state(optimizer_name, labels, variables, saved_labels, saved_val
                 "loaded into the optimizer.")
         matched = [(label, variable, i) for i, (label, variable) in enumerate(zip(labels,
                                                                                   variables))]
+    pairs = []
     for label, variable, i in matched:
+        saved = f" ('{saved_labels[i]}')" if saved_labels is not None else ""
         if tuple(variable.shape) != tuple(np.shape(saved_values[i])):
-            saved = f" ('{saved_labels[i]}')" if saved_labels is not None else ""
             raise ValueError(
                 f"Optimizer '{optimizer_name}': '{label}' has shape {tuple(variable.shape)}, but "
                 f"its value in the Keras file (position {i}{saved}) has shape "
                 f"{tuple(np.shape(saved_values[i]))}. Nothing was loaded into the optimizer.")
-    return [(variable, saved_values[i]) for _, variable, i in matched], fresh
+        pairs.append((variable, keras_value(
+            saved_values[i], variable.dtype,
+            f"Optimizer '{optimizer_name}': '{label}' (position {i}{saved} in the Keras file)")))
+    return pairs, fresh
+
+
+def keras_value(value, dtype, what):
+    """`value` of a Keras file as a tensor of `dtype`, or `ValueError` naming `what`.
+
+    h5py has no bfloat16: it stores bfloat16 arrays as opaque 2-byte records
+    (tf-keras's legacy `.h5` files, and Keras files of tf_lion before
+    `file_value`), read here as the bfloat16 they are.
+    """
+    value = _decoded(value)
+    try:
+        return tf.cast(tf.constant(value), dtype)
+    except (TypeError, ValueError, tf.errors.OpError) as error:
+        raise ValueError(f"{what} holds a value of dtype {value.dtype} that cannot be "
+                         f"converted to {tf.as_dtype(dtype).name} ({error}). Nothing was "
+                         "loaded into the optimizer.") from None
+
+
+def file_value(value):
+    """A value to store in a Keras file: bfloat16 widened to float32 (exact),
+    which h5py stores and every loader converts back."""
+    value = _decoded(value)
+    return value.astype(np.float32) if value.dtype == tf.bfloat16.as_numpy_dtype else value
+
+
+def _decoded(value):
+    value = np.asarray(value)
+    if value.dtype.kind == "V" and value.dtype.itemsize == 2:
+        value = value.view(tf.bfloat16.as_numpy_dtype)
+    return value
