@@ -214,12 +214,72 @@ def test_state_the_optimizer_no_longer_keeps_is_dropped_with_a_warning(tmp_path,
 def test_a_slot_that_fails_to_restore_fails_again_instead_of_starting_at_zero(tmp_path):
     path, saved, _ = _train_one_and_save(tmp_path)  # float32 momentum
     model, opt = _model(seed=4), _optimizer(use_ema=False, momentum_dtype="bfloat16")
-    tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bfloat16"):  # slots made at once
+        tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
     for _ in range(2):
         with pytest.raises(tf.errors.InvalidArgumentError, match="bfloat16"):
             opt.build(model.trainable_variables)
     with pytest.raises(KeyError, match="no 'm' slot yet"):  # no slot of zeros was kept
         opt.get_slot(model.trainable_variables[0], "m")
+
+
+def test_a_checkpoint_saved_after_a_restore_and_before_any_step_keeps_the_momenta(tmp_path):
+    """Restoring creates the slots of the variables it binds (as OptimizerV2
+    does): a save before the first step (at the top of a resumed loop, on
+    preemption) holds them, and no restore reads a file after it returned
+    (with `max_to_keep=1` that file is gone)."""
+    path, saved, _ = _train_one_and_save(tmp_path)
+    model, opt = _model(seed=3), _optimizer(use_ema=False, learning_rate=0.01)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=opt)
+    manager = tf.train.CheckpointManager(checkpoint, str(tmp_path / "run"), max_to_keep=1)
+    checkpoint.restore(path)
+    for name, v in _named(model).items():  # already there, before any build
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), saved[name][1])
+    first = manager.save()
+    second = manager.save()  # deletes `first`
+    assert not tf.io.gfile.glob(first + "*")
+    opt.build(model.trainable_variables)
+    model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(second).assert_consumed()
+    for name, v in _named(model).items():
+        np.testing.assert_array_equal(v.numpy(), saved[name][0])
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy(), saved[name][1])
+
+
+def test_momentum_of_a_variable_frozen_after_a_restore_is_saved_again(tmp_path):
+    path, saved, _ = _train_one_and_save(tmp_path)
+    model, opt = _model(seed=3), _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(path)
+    model.emb.trainable = False
+    _train(model, opt, _batches(1))  # steps over dense and out only
+    again = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "again"))
+    model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)
+    tf.train.Checkpoint(model=model, optimizer=opt).restore(again)
+    frozen = model.emb.trainable_variables[0]
+    np.testing.assert_array_equal(opt.get_slot(frozen, "m").numpy(), saved["emb/embeddings:0"][1])
+
+
+def test_partitioned_variable_slots_are_made_at_restore(tmp_path):
+    from tensorflow.python.distribute import sharded_variable
+
+    def make():
+        shards = [tf.Variable(tf.ones((3, 2)), name="table/part_0"),
+                  tf.Variable(tf.ones((2, 2)), name="table/part_1")]
+        return shards, sharded_variable.ShardedVariable(shards), tf_lion.Lion(0.1,
+                                                                              jit_compile=False)
+
+    shards, table, opt = make()
+    opt.apply_gradients([(tf.fill([3, 2], 2.0), shards[0]), (tf.fill([2, 2], -3.0), shards[1])])
+    saved = [opt.get_slot(s, "m").numpy() for s in shards]
+    path = tf.train.Checkpoint(t=table, opt=opt).write(str(tmp_path / "s"))
+    shards, table, opt = make()
+    tf.train.Checkpoint(t=table, opt=opt).restore(path)
+    again = tf.train.Checkpoint(t=table, opt=opt).write(str(tmp_path / "again"))
+    shards, table, opt = make()
+    tf.train.Checkpoint(t=table, opt=opt).restore(again)
+    opt.build(shards)
+    for shard, value in zip(shards, saved):
+        np.testing.assert_array_equal(opt.get_slot(shard, "m").numpy(), value)
 
 
 def test_no_warning_when_state_is_restored(tmp_path, recwarn):
@@ -498,9 +558,15 @@ def test_keras_state_waiting_for_build_is_saved_and_loses_to_a_later_checkpoint(
     path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
         str(tmp_path / "ckpt"))
     tf.train.Checkpoint(model=waiting, optimizer=waiting.optimizer).restore(path)
+    # A Keras file saved now holds the checkpoint's state, which has won.
+    waiting.save_weights(str(tmp_path / "after.weights.h5"))
     with pytest.warns(UserWarning, match="the checkpoint's state is kept"):
         waiting.optimizer.build(waiting.trainable_variables)
     _assert_states_equal(_fit_state(model), _fit_state(waiting))
+    after = _compiled(seed=11)
+    after.optimizer.build(after.trainable_variables)
+    after.load_weights(str(tmp_path / "after.weights.h5"))
+    _assert_states_equal(_fit_state(model), _fit_state(after))
 
 
 def test_keras_file_with_skip_mismatch_before_build_trains_fresh(tmp_path):
@@ -619,7 +685,9 @@ def test_waiting_keras_file_dropped_after_a_checkpoint_keeps_the_checkpoints_cou
         str(tmp_path / "ckpt"))
     restored = _compiled(seed=9)
     restored.load_weights(str(tmp_path / "ft.weights.h5"))  # waits
-    tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(path)
+    # The optimizer alone (with the model, its slots would be made, and the
+    # next file would load into them at once).
+    tf.train.Checkpoint(optimizer=restored.optimizer).restore(path).expect_partial()
     assert int(restored.optimizer.iterations) == 8
     restored.load_weights(str(tmp_path / "ft.weights.h5"))  # waits again, after the restore
     assert int(restored.optimizer.iterations) == 4

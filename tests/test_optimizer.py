@@ -155,6 +155,32 @@ def test_exclude_from_weight_decay(rng):
         np.testing.assert_array_equal(bias.numpy(), ref.step(theta, m0, g, 0.01, 0.9, 0.99, 0.0)[0])
 
 
+def test_exclusions_of_the_other_kind_are_kept_by_a_later_call(rng):
+    """Names from the constructor survive `exclude_from_weight_decay(var_list=...)`
+    (tf-keras's method would drop them, and `get_config` with them); a call
+    with neither kind clears both, as in tf-keras."""
+    theta, g = _random(rng, (4,)), _random(rng, (4,))
+    m0 = np.zeros_like(theta)
+    decayed = ref.step(theta, m0, g, 0.01, 0.9, 0.99, 0.3)[0]
+    kept = ref.step(theta, m0, g, 0.01, 0.9, 0.99, 0.0)[0]
+    for calls, expected, names in [
+            ([dict(var_list="emb")], [kept, kept, decayed], ["bias"]),
+            ([dict(var_list="emb"), dict(var_names=["kernel"])], [kept, decayed, kept],
+             ["kernel"]),
+            ([dict(var_names=["kernel"])], [decayed, decayed, kept], ["kernel"]),
+            ([dict(var_list="emb"), dict()], [decayed, decayed, decayed], None)]:
+        emb, bias, kernel = (tf.Variable(theta, name=n) for n in ("emb", "bias", "kernel"))
+        opt = tf_lion.Lion(learning_rate=0.01, weight_decay=0.3, jit_compile=False,
+                           exclude_from_weight_decay_names=["bias"])
+        for call in calls:
+            opt.exclude_from_weight_decay(**{k: [emb] if v == "emb" else v
+                                             for k, v in call.items()})
+        assert opt.get_config().get("exclude_from_weight_decay_names") == names
+        opt.apply_gradients([(tf.constant(g), v) for v in (emb, bias, kernel)])
+        for v, want in zip((emb, bias, kernel), expected):
+            np.testing.assert_array_equal(v.numpy(), want, err_msg=f"{calls} {v.name}")
+
+
 def test_none_gradients_are_skipped(rng):
     a, b = tf.Variable(_random(rng, (3,))), tf.Variable(_random(rng, (3,)))
     before = b.numpy()
@@ -328,17 +354,19 @@ def test_numpy_and_list_gradients_are_converted():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("beta_1,beta_2", [(0.9, 0.9), (0.95, 0.9), (0.9, 1.0)])
+@pytest.mark.parametrize("beta_1,beta_2", [(0.9, 0.9), (0.95, 0.9), (0.9, 1.0), (0.0, 0.99),
+                                           (0.0, 0.5), (0.99, 0.990000001), (0.9, 0.99999999)])
 def test_infinite_gradient_with_beta_1_not_below_beta_2_gives_the_textbook_step(
         jit_compile, beta_1, beta_2):
-    """sign(inf) = 1: theta moves by lr. The rebuilt direction would compute
-    0 * inf or inf - inf (NaN), so beta_1 >= beta_2 (and beta_2 = 1, where
-    the momentum's own update is 0 * inf) keep the textbook order."""
+    """sign(+-inf) = +-1: theta moves by lr. The rebuilt direction would compute
+    0 * inf or inf - inf (NaN), so beta_1 >= beta_2, beta_1 = 0 (`beta_1 * m'`
+    with m' infinite) and beta_2 = 1 (the momentum's own update is 0 * inf)
+    keep the textbook order, compared in float32 as the step sees them."""
     opt = tf_lion.Lion(0.1, beta_1=beta_1, beta_2=beta_2, jit_compile=jit_compile)
     assert not opt._momentum_first
-    var = tf.Variable([1.0, 1.0])
-    opt.apply_gradients([(tf.constant([np.inf, 1.0]), var)])
-    np.testing.assert_array_equal(var.numpy(), np.float32([1.0, 1.0]) - np.float32(0.1))
+    var = tf.Variable([1.0, 1.0, 1.0])
+    opt.apply_gradients([(tf.constant([np.inf, -np.inf, 1.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), np.float32([0.9, 1.1, 0.9]))
     assert tf_lion.Lion(0.1, beta_1=0.9, beta_2=0.99)._momentum_first  # the usual case
 
 

@@ -127,6 +127,13 @@ _TF_KERAS_MOMENTA = (
     "once with convert_tf_keras_lion_checkpoint).")
 
 
+def _can_create_slots_now():
+    """Whether a checkpoint restore may create slots at once: eagerly, in a
+    cross-replica context (else they wait for `build`)."""
+    in_replica = tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+    return tf.executing_eagerly() and not tf.inside_function() and not in_replica
+
+
 def _assign_everywhere(variable, value):
     """Assigns `value` to every local copy of `variable`.
 
@@ -438,6 +445,9 @@ class Lion(keras_optimizer.Optimizer):
         self._slots = self._no_dependency(slots_lib.SlotStore(self._var_key))
         self._sharded_slots = self._no_dependency({})
         self._deferred_sharded = self._no_dependency({})
+        # Variables whose accumulator was restored without a row mask before
+        # their mask existed: `build` marks the rows when it creates the mask.
+        self._rows_to_mark = self._no_dependency(set())
         self._pending_keras_state = None  # (labels, values, step uid) of a Keras file, for build
         self._warned_unused_slots = self._no_dependency(set())
         # No Python control flow on tensors in tf_lion: AutoGraph has nothing
@@ -485,15 +495,20 @@ class Lion(keras_optimizer.Optimizer):
         instead of copying it every step. A beta_2 that may change (a tensor,
         variable or callable) or is below `update.MOMENTUM_FIRST_MIN_BETA_2`
         (where the rebuilt direction loses precision) keeps the textbook order,
-        and so do beta_1 >= beta_2 and beta_2 = 1: there `(beta_2 - beta_1) * g`
-        or `(1 - beta_2) * g` is `0 * inf` or `inf - inf` for an infinite
-        gradient, NaN where the textbook `c` is inf.
+        and so do beta_1 >= beta_2, beta_1 = 0 and beta_2 = 1: there
+        `(beta_2 - beta_1) * g`, `beta_1 * m'` or `(1 - beta_2) * g` is
+        `0 * inf` or `inf - inf` for an infinite gradient, NaN where the
+        textbook `c` is inf.
         """
         beta_1, beta_2 = self.beta_1, self.beta_2
         fixed = all(isinstance(b, numbers.Real) and not isinstance(b, bool)
                     for b in (beta_1, beta_2))
-        return bool(fixed and update_lib.MOMENTUM_FIRST_MIN_BETA_2 <= beta_2 < 1
-                    and beta_1 < beta_2)
+        if not fixed:
+            return False
+        # As the step sees them (float32 for float32 and lower precision):
+        # 0.99 and 0.990000001 are one number there.
+        beta_1, beta_2 = np.float32(beta_1), np.float32(beta_2)
+        return bool(update_lib.MOMENTUM_FIRST_MIN_BETA_2 <= beta_2 < 1 and 0 < beta_1 < beta_2)
 
     @property
     def _accumulating(self):
@@ -616,23 +631,21 @@ class Lion(keras_optimizer.Optimizer):
             var = _unwrap(var)
             created = []
             if not self._slots.has(var, "m"):
-                dtype = self._momentum_dtype or _true_dtype(var)
-                created.append(("m", self._slots.create(var, "m", dtype)))
+                created.append(("m", self._create_slot(var, "m")))
             if self.use_ema and not self._slots.has(var, "average"):
-                created.append(("average", self._slots.create(var, "average", _true_dtype(var),
-                                                              initial_value=var)))
+                created.append(("average", self._create_slot(var, "average")))
             if self._accumulating:
-                acc_dtype = update_lib.compute_dtype(_true_dtype(var))
                 unmasked = False  # an accumulator restored from a checkpoint without masks
                 if not self._slots.has(var, "accumulator"):
-                    created.append(("accumulator",
-                                    self._slots.create(var, "accumulator", acc_dtype)))
+                    created.append(("accumulator", self._create_slot(var, "accumulator")))
                     winner, self._slots.last_restored_from = self._slots.last_restored_from, None
                     unmasked = winner is not None and not _checkpoint_has_row_mask(winner)
                 if self._uses_row_mask(var) and not self._slots.has(var, "touched"):
-                    created.append(("touched", self._slots.create(var, "touched", tf.float32)))
+                    created.append(("touched", self._create_slot(var, "touched")))
+                    unmasked |= self._var_key(var) in self._rows_to_mark
                     if unmasked:  # (an older restore's mask must not stay either)
                         self._mark_accumulated_rows(var)
+                self._rows_to_mark.discard(self._var_key(var))
             for slot_name, (_, fresh) in created:
                 if fresh:
                     without_state.setdefault(slot_name, []).append(var.name)
@@ -645,6 +658,18 @@ class Lion(keras_optimizer.Optimizer):
         elif without_state:
             _warn_fresh_slots(self.name, without_state)
         self._built = True
+
+    def _create_slot(self, var, slot_name):
+        """`SlotStore.create` with the slot's dtype and initial value; restores
+        the checkpoint values queued for it."""
+        if slot_name == "m":
+            return self._slots.create(var, "m", self._momentum_dtype or _true_dtype(var))
+        if slot_name == "average":
+            return self._slots.create(var, "average", _true_dtype(var), initial_value=var)
+        if slot_name == "accumulator":
+            return self._slots.create(var, "accumulator",
+                                      update_lib.compute_dtype(_true_dtype(var)))
+        return self._slots.create(var, "touched", tf.float32)
 
     def get_slot_names(self):
         """Slot names, for the checkpoint slot-variable protocol.
@@ -674,10 +699,24 @@ class Lion(keras_optimizer.Optimizer):
         return self._accumulating and self.sparse_mode == "lazy" and var.shape.rank >= 1
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """As tf-keras's; a partitioned `ShardedVariable` stands for all its shards."""
+        """Excludes variables (`var_list`) or name patterns (`var_names`) from
+        weight decay, before the first step.
+
+        A call sets the exclusions of the kind it is given and keeps the other
+        kind: names given to the constructor (`exclude_from_weight_decay_names`)
+        survive a later `exclude_from_weight_decay(var_list=...)`, which in
+        tf-keras would drop them. A call with neither clears both, as in
+        tf-keras. A partitioned `ShardedVariable` stands for all its shards.
+        """
+        kept_list = getattr(self, "_exclude_from_weight_decay", None) or []
+        kept_names = getattr(self, "_exclude_from_weight_decay_names", None) or []
         if var_list:
             var_list = list(_shards(var_list))
         super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        if var_list and not var_names:
+            self._exclude_from_weight_decay_names = kept_names
+        elif var_names and not var_list:
+            self._exclude_from_weight_decay = kept_list
 
     def get_slot(self, var, slot_name):
         """The slot `slot_name` of variable `var` (one of `get_slot_names()`)."""
@@ -706,6 +745,10 @@ class Lion(keras_optimizer.Optimizer):
             return None
         if isinstance(variable, sharded_variable.ShardedVariable):
             slots_lib.check_slot_shape(variable, slot_name, slot_variable_position.value_shape())
+            if self._sharded_slot(variable, slot_name) is None and _can_create_slots_now():
+                for shard in variable.variables:
+                    if not self._slots.has(_unwrap(shard), slot_name):
+                        self._create_slot(_unwrap(shard), slot_name)
             slot = self._sharded_slot(variable, slot_name)
             if slot is None:  # restored once every shard has its slot (see `build`)
                 key = self._sharded_key(variable, slot_name)
@@ -719,6 +762,10 @@ class Lion(keras_optimizer.Optimizer):
             return slot
         variable = _unwrap(variable)
         slot = self._slots.create_or_restore(slot_variable_position, slot_name, variable)
+        if slot is None and _can_create_slots_now():
+            # Now, as OptimizerV2 does: a checkpoint written before the first
+            # step then holds it, and it no longer depends on the file.
+            slot, _ = self._create_slot(variable, slot_name)  # restores the queued values
         if (slot_name == "accumulator" and slot is not None
                 and not _checkpoint_has_row_mask(slot_variable_position)):
             self._mark_accumulated_rows(variable)
@@ -735,6 +782,8 @@ class Lion(keras_optimizer.Optimizer):
         """
         touched = self._slots.get(var, "touched")
         accumulator = self._slots.get(var, "accumulator")
+        if touched is None and accumulator is not None and self._uses_row_mask(var):
+            self._rows_to_mark.add(self._var_key(var))  # for `build`, which creates the mask
         if touched is None or accumulator is None:
             return
         with tf.init_scope():  # once, now: not part of a step being traced
@@ -845,9 +894,11 @@ class Lion(keras_optimizer.Optimizer):
         """Keras file formats: `variables` by position ("0", "1", ...), as
         tf-keras stores them, and under "labels" what each position holds.
         Values loaded from a Keras file and still waiting for `build` are
-        written as they were loaded."""
-        if self._pending_keras_state is not None:
-            labels, values = self._pending_keras_state[:2]
+        written as they were loaded, unless a `tf.train.Checkpoint` has
+        restored the optimizer since (its state wins, see `load_own_variables`)."""
+        pending = self._pending_keras_state
+        if pending is not None and self._iterations._update_uid == pending[2]:  # pylint: disable=protected-access
+            labels, values = pending[:2]
         else:
             state = self._labelled_variables()
             labels, values = [label for label, _ in state], [v.numpy() for _, v in state]

@@ -121,7 +121,7 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
       weight_decay: scalar or `None` (no decay term at all).
       momentum_first: compute the new momentum first and the direction from
         it (requires `beta_2 > 0`, precise for `beta_2 >=
-        MOMENTUM_FIRST_MIN_BETA_2`, and `beta_1 < beta_2` for an infinite
+        MOMENTUM_FIRST_MIN_BETA_2`, and `0 < beta_1 < beta_2` for an infinite
         gradient to give the textbook direction; see below).
       add_scaled: computes each `x + a * y` (see `add_scaled`).
 
@@ -132,7 +132,7 @@ def lion_direction(theta, m, g, beta_1, beta_2, weight_decay=None, momentum_firs
 
     `c'` is `beta_2 * c` in exact arithmetic, so `sign(c') = sign(c)` for
     `beta_2 > 0`, except where `c` is within rounding of zero, and for an
-    infinite `g` when `beta_1 >= beta_2` (`0 * inf` or `inf - inf` is NaN where
+    infinite `g` when `beta_1 >= beta_2` or `beta_1 = 0` (`0 * inf` or `inf - inf` is NaN where
     the textbook `c` is infinite; the optimizer keeps the textbook order
     there). Nothing reads
     the old momentum after `m'` exists, which lets XLA update the momentum in
