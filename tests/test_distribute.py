@@ -470,6 +470,55 @@ def test_gradient_tensors_shared_by_all_replicas_are_summed(name, shared, jit_co
     np.testing.assert_array_equal(opt.get_slot(table, "m").numpy(), m)
 
 
+@pytest.mark.parametrize("aggregation", ["NONE", "SUM", "MEAN", "ONLY_FIRST_REPLICA"])
+def test_constraints_apply_once_whatever_the_variables_aggregation(aggregation):
+    """The constraint runs on each local copy in a cross-replica context: run
+    in a replica context, a SUM-aggregated variable summed the replicas'
+    constrained values (tf-keras does)."""
+    strategy = _strategy("mirrored")
+    with strategy.scope():
+        v = tf.Variable([1.0, -1.0, 0.25], name="v", constraint=lambda x: tf.minimum(x, 0.5),
+                        aggregation=getattr(tf.VariableAggregation, aggregation))
+        opt = tf_lion.Lion(0.25, beta_1=0.5, beta_2=0.75, jit_compile=False)
+
+    @tf.function
+    def step():
+        strategy.run(lambda: opt.apply_gradients([(tf.constant([-1.0, 1.0, -1.0]), v)]))
+
+    step()
+    expected = np.minimum(np.float32([1.25, -1.25, 0.5]), 0.5)
+    for local in strategy.experimental_local_results(v):
+        np.testing.assert_array_equal(local.numpy(), expected)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_variables_of_different_float_dtypes_in_one_step(jit_compile):
+    """One all_reduce batch per dtype: a batch is packed into one tensor, and
+    float16 next to float32 crashed in TensorFlow's concat (tf-keras too)."""
+    strategy = _strategy("mirrored")
+    dtypes = [tf.float32, tf.float16, tf.float64, tf.bfloat16]
+    with strategy.scope():
+        variables = [tf.Variable([1.0, -1.0], dtype=d, name=d.name) for d in dtypes]
+        # Betas whose every result is exact in each dtype: the same bits everywhere.
+        opt = tf_lion.Lion(0.25, beta_1=0.5, beta_2=0.75, jit_compile=jit_compile)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            grads = [tf.cast(tf.constant([0.5, -2.0]), d) for d in dtypes]
+            opt.apply_gradients(zip(grads, variables))
+        strategy.run(replica_fn)
+
+    step()
+    g = np.float32([1.0, -4.0])  # summed over the two replicas
+    theta, m, _ = ref.step(np.float32([1.0, -1.0]), np.zeros(2, np.float32), g, 0.25, 0.5, 0.75)
+    np.testing.assert_array_equal(m, [0.25, -1.0])
+    for v in variables:
+        np.testing.assert_array_equal(v.numpy().astype(np.float32), theta, err_msg=v.name)
+        np.testing.assert_array_equal(opt.get_slot(v, "m").numpy().astype(np.float32), m,
+                                      err_msg=v.name)
+
+
 @pytest.mark.parametrize("jit_compile", [True, False])
 def test_cross_replica_sparse_gradient_stays_sparse(jit_compile):
     """Gradients already reduced in a merge_call (as LossScaleOptimizer does) are

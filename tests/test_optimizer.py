@@ -181,6 +181,18 @@ def test_exclusions_of_the_other_kind_are_kept_by_a_later_call(rng):
             np.testing.assert_array_equal(v.numpy(), want, err_msg=f"{calls} {v.name}")
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("traced", [False, True])
+def test_variable_constraint_applies_after_the_update(jit_compile, traced):
+    v = tf.Variable([1.0, -1.0, 0.25], constraint=lambda x: tf.minimum(x, 0.5))
+    opt = tf_lion.Lion(0.25, beta_1=0.5, beta_2=0.75, jit_compile=jit_compile)
+
+    def step():
+        opt.apply_gradients([(tf.constant([-1.0, 1.0, -1.0]), v)])
+    (tf.function(step) if traced else step)()
+    np.testing.assert_array_equal(v.numpy(), [0.5, -1.25, 0.5])
+
+
 def test_none_gradients_are_skipped(rng):
     a, b = tf.Variable(_random(rng, (3,))), tf.Variable(_random(rng, (3,)))
     before = b.numpy()

@@ -72,22 +72,24 @@ def aggregate_gradients(grads_and_vars):
 
     A no-op outside a replica context with more than one replica in sync (the
     default strategy, OneDeviceStrategy, each ParameterServerStrategy worker).
-    Dense gradients are summed with one batched `all_reduce`; `None`
-    gradients are kept as they are. bfloat16 gradients are summed (gathered)
-    in float32 except on TPUs: TensorFlow's CPU/GPU collectives have no
-    bfloat16, and the update computes in float32 anyway.
+    Dense gradients are summed with one batched `all_reduce` per dtype (a
+    batch is packed into one tensor: float16 next to float32 would not
+    pack); `None` gradients are kept as they are. bfloat16 gradients are
+    summed (gathered) in float32 except on TPUs: TensorFlow's CPU/GPU
+    collectives have no bfloat16, and the update computes in float32 anyway.
     """
     grads_and_vars = list(grads_and_vars)
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return grads_and_vars
-    dense = [i for i, (g, _) in enumerate(grads_and_vars)
-             if g is not None and not isinstance(g, tf.IndexedSlices)]
     grads = [g for g, _ in grads_and_vars]
-    if dense:
-        summed = context.all_reduce(
-            tf.distribute.ReduceOp.SUM,
-            [tf.cast(grads[i], _collective_dtype(grads[i].dtype)) for i in dense])
+    by_dtype = {}
+    for i, g in enumerate(grads):
+        if g is not None and not isinstance(g, tf.IndexedSlices):
+            by_dtype.setdefault(_collective_dtype(g.dtype), []).append(i)
+    for dtype, dense in by_dtype.items():
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                    [tf.cast(grads[i], dtype) for i in dense])
         for i, g in zip(dense, summed):
             grads[i] = g
     for i, g in enumerate(grads):

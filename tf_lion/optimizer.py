@@ -1111,9 +1111,6 @@ class Lion(keras_optimizer.Optimizer):
                 iteration = tf.__internal__.distribute.interim.maybe_merge_call(
                     self._distributed_apply_gradients_fn, strategy, grads_and_vars,
                     finite=finite, wait_for_gradients=wait)
-            for variable in variables:
-                if variable.constraint is not None:
-                    variable.assign(variable.constraint(variable))
             return iteration
 
     def aggregate_gradients(self, grads_and_vars):
@@ -1245,6 +1242,13 @@ class Lion(keras_optimizer.Optimizer):
                 distribution.extended.update(
                     members[0], update_fn,
                     args=(members, grads, slots, wds, finite, seeds, clip_scale), group=False)
+            # Constraints here, on each local copy: in a replica context a
+            # variable with aggregation=SUM would sum the replicas' values.
+            for variable, (_, original) in zip(variables, grads_and_vars):
+                constraint = getattr(original, "constraint", None)
+                if constraint is not None:
+                    distribution.extended.update(
+                        variable, lambda v, c=constraint: v.assign(c(v)), group=False)
             # Cross-replica from here: one value for the counters.
             finite = step_lib.first_local(distribution, finite)
             if self.use_ema and self.ema_overwrite_frequency:
