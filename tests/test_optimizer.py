@@ -193,6 +193,16 @@ def test_variable_constraint_applies_after_the_update(jit_compile, traced):
     np.testing.assert_array_equal(v.numpy(), [0.5, -1.25, 0.5])
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_variable_constraint_applies_after_an_ema_overwrite(jit_compile):
+    """As tf-keras: the weights an EMA overwrite leaves are constrained too."""
+    v = tf.Variable([0.05, 1.0], constraint=tf_keras.constraints.NonNeg())
+    opt = tf_lion.Lion(0.1, use_ema=True, ema_momentum=0.0, ema_overwrite_frequency=1,
+                       jit_compile=jit_compile)
+    tf.function(lambda: opt.apply_gradients([(tf.constant([1.0, 1.0]), v)]))()
+    np.testing.assert_array_equal(v.numpy(), np.float32([0.0, 0.9]))
+
+
 def test_none_gradients_are_skipped(rng):
     a, b = tf.Variable(_random(rng, (3,))), tf.Variable(_random(rng, (3,)))
     before = b.numpy()

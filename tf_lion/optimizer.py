@@ -629,6 +629,7 @@ class Lion(keras_optimizer.Optimizer):
             _check_defined_shape(var)
         for var in var_list:
             var = _unwrap(var)
+            self._slots.adopt(var)  # slots a restore made take their place now
             created = []
             if not self._slots.has(var, "m"):
                 created.append(("m", self._create_slot(var, "m")))
@@ -659,17 +660,19 @@ class Lion(keras_optimizer.Optimizer):
             _warn_fresh_slots(self.name, without_state)
         self._built = True
 
-    def _create_slot(self, var, slot_name):
+    def _create_slot(self, var, slot_name, ordered=True):
         """`SlotStore.create` with the slot's dtype and initial value; restores
-        the checkpoint values queued for it."""
+        the checkpoint values queued for it. `ordered=False`: made by a
+        restore, in no position of `variables` until the variable is built."""
         if slot_name == "m":
-            return self._slots.create(var, "m", self._momentum_dtype or _true_dtype(var))
-        if slot_name == "average":
-            return self._slots.create(var, "average", _true_dtype(var), initial_value=var)
-        if slot_name == "accumulator":
-            return self._slots.create(var, "accumulator",
-                                      update_lib.compute_dtype(_true_dtype(var)))
-        return self._slots.create(var, "touched", tf.float32)
+            dtype, initial_value = self._momentum_dtype or _true_dtype(var), None
+        elif slot_name == "average":
+            dtype, initial_value = _true_dtype(var), var
+        elif slot_name == "accumulator":
+            dtype, initial_value = update_lib.compute_dtype(_true_dtype(var)), None
+        else:
+            dtype, initial_value = tf.float32, None
+        return self._slots.create(var, slot_name, dtype, initial_value, ordered=ordered)
 
     def get_slot_names(self):
         """Slot names, for the checkpoint slot-variable protocol.
@@ -748,7 +751,8 @@ class Lion(keras_optimizer.Optimizer):
             if self._sharded_slot(variable, slot_name) is None and _can_create_slots_now():
                 for shard in variable.variables:
                     if not self._slots.has(_unwrap(shard), slot_name):
-                        self._create_slot(_unwrap(shard), slot_name)
+                        self._create_slot(_unwrap(shard), slot_name, ordered=False)
+                self._slots.last_restored_from = None
             slot = self._sharded_slot(variable, slot_name)
             if slot is None:  # restored once every shard has its slot (see `build`)
                 key = self._sharded_key(variable, slot_name)
@@ -765,7 +769,8 @@ class Lion(keras_optimizer.Optimizer):
         if slot is None and _can_create_slots_now():
             # Now, as OptimizerV2 does: a checkpoint written before the first
             # step then holds it, and it no longer depends on the file.
-            slot, _ = self._create_slot(variable, slot_name)  # restores the queued values
+            slot, _ = self._create_slot(variable, slot_name, ordered=False)  # restores the queue
+            self._slots.last_restored_from = None
         if (slot_name == "accumulator" and slot is not None
                 and not _checkpoint_has_row_mask(slot_variable_position)):
             self._mark_accumulated_rows(variable)
@@ -944,7 +949,7 @@ class Lion(keras_optimizer.Optimizer):
                     "loaded into the optimizer.")
         holds_slots = (any(":" in label for label in labels) if labels is not None
                        else len(values) > 1)
-        if self._slots.owners() or not holds_slots:
+        if self._slots.built() or not holds_slots:
             self._assign_keras_state(labels, values)
             self._pending_keras_state = None
             return
@@ -1242,17 +1247,18 @@ class Lion(keras_optimizer.Optimizer):
                 distribution.extended.update(
                     members[0], update_fn,
                     args=(members, grads, slots, wds, finite, seeds, clip_scale), group=False)
-            # Constraints here, on each local copy: in a replica context a
-            # variable with aggregation=SUM would sum the replicas' values.
+            # Cross-replica from here: one value for the counters.
+            finite = step_lib.first_local(distribution, finite)
+            if self.use_ema and self.ema_overwrite_frequency:
+                self._maybe_overwrite_with_averages(variables, step, finite)
+            # Constraints last (after an EMA overwrite too, as tf-keras), on
+            # each local copy: run in a replica context, as tf-keras does, a
+            # variable with aggregation=SUM would get the replicas' sum.
             for variable, (_, original) in zip(variables, grads_and_vars):
                 constraint = getattr(original, "constraint", None)
                 if constraint is not None:
                     distribution.extended.update(
                         variable, lambda v, c=constraint: v.assign(c(v)), group=False)
-            # Cross-replica from here: one value for the counters.
-            finite = step_lib.first_local(distribution, finite)
-            if self.use_ema and self.ema_overwrite_frequency:
-                self._maybe_overwrite_with_averages(variables, step, finite)
             if finite is None:
                 return self.iterations.assign_add(1)
             if self.skip_nonfinite:

@@ -85,7 +85,11 @@ class SlotStore:
         self._key_fn = key_fn
         self._slots = {}  # key -> {slot name: tf.Variable}
         self._owners = {}  # key -> the variable the slots belong to
-        self._order = []  # keys in the order their first slot was created
+        self._order = []  # keys in the order their variables were first built
+        # Keys of slots a checkpoint restore created before any build of their
+        # variable: saved with it by tf.train.Checkpoint, but in no position
+        # of `ordered` (Keras files) until a build adopts them, in its order.
+        self._unordered = set()
         self._deferred = {}  # (key, slot name) -> [CheckpointPosition]
         self._followed = None  # ids of the variables `follow_order` last followed
         self.last_restored_from = None  # see `create`
@@ -116,7 +120,8 @@ class SlotStore:
             return
         self._followed = ids
         keys = list(dict.fromkeys(self._key_fn(v) for v in variables))
-        order = [k for k in keys if k in self._slots]
+        built = set(self._order)
+        order = [k for k in keys if k in built]
         if len(order) == len(self._order) and order != self._order:
             self._order = order
 
@@ -125,10 +130,25 @@ class SlotStore:
         return [self._owners[k] for k in self._order if slot_name in self._slots[k]]
 
     def owners(self):
+        """Every variable with slots, built or only restored."""
         return list(self._owners.values())
 
-    def create(self, variable, slot_name, dtype, initial_value=None):
+    def built(self):
+        """Whether any variable's slots were built (are in `ordered`)."""
+        return bool(self._order)
+
+    def adopt(self, variable):
+        """`variable` is being built: its slots made by a restore take their place."""
+        key = self._key_fn(variable)
+        if key in self._unordered:
+            self._unordered.discard(key)
+            self._order.append(key)
+
+    def create(self, variable, slot_name, dtype, initial_value=None, ordered=True):
         """Creates the slot next to `variable` (same strategy, same device).
+
+        `ordered=False` (a checkpoint restore) leaves the variable's slots out
+        of `ordered` until `adopt`.
 
         Returns `(slot, restored_without_state)`: the second is True when the
         variable was restored from a checkpoint that held no such slot for it
@@ -153,17 +173,22 @@ class SlotStore:
         # the next attempt raises again instead of starting from zeros.
         positions = self._deferred.get((key, slot_name), [])
         # Highest restore UID first: later restores win, as in OptimizerV2.
-        ordered = sorted(positions, key=lambda p: p.restore_uid, reverse=True)
-        for position in ordered:
+        by_uid = sorted(positions, key=lambda p: p.restore_uid, reverse=True)
+        for position in by_uid:
             position.restore(slot)
         self._deferred.pop((key, slot_name), None)
         # The position that won, for the caller to inspect at once and clear
         # (a position holds its whole checkpoint's object graph).
-        self.last_restored_from = ordered[0] if ordered else None
+        self.last_restored_from = by_uid[0] if by_uid else None
         if key not in self._slots:
             self._slots[key] = {}
-            self._order.append(key)
             self._owners[key] = variable
+            if ordered:
+                self._order.append(key)
+            else:
+                self._unordered.add(key)
+        elif ordered:
+            self.adopt(variable)
         self._slots[key][slot_name] = slot
         restored_without_state = not positions and getattr(variable, "_self_update_uid", -1) >= 0
         return slot, restored_without_state
