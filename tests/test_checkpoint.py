@@ -337,6 +337,34 @@ def test_slots_made_by_a_restore_join_keras_files_when_their_variables_are_built
                                                              "m").numpy())
 
 
+def test_a_dropped_keras_file_keeps_the_state_a_checkpoint_restored_before_it(tmp_path):
+    def make():
+        tf_keras.utils.set_random_seed(0)
+        model = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(3, name="a"),
+                                     tf_keras.layers.Dense(3, name="b")])
+        model.compile(tf_lion.Lion(0.01, jit_compile=False), "mse")
+        return model
+
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32)
+    source = make()
+    source.fit(x, y, verbose=0)
+    path = tf.train.Checkpoint(model=source, optimizer=source.optimizer).write(
+        str(tmp_path / "c"))
+    restored_m = source.optimizer.get_slot(source.trainable_variables[0], "m").numpy()
+    source.fit(x, y, verbose=0)
+    source.save_weights(str(tmp_path / "w.weights.h5"))
+    model = make()
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(path)
+    model.load_weights(str(tmp_path / "w.weights.h5"))  # waits for the build
+    model.get_layer("b").trainable = False
+    with pytest.warns(UserWarning, match="restored from a checkpoint before the file was "
+                                         "loaded, which it keeps"):
+        model.optimizer.build(model.trainable_variables)  # does not fit: the file is dropped
+    assert int(model.optimizer.iterations) == 1
+    np.testing.assert_array_equal(
+        model.optimizer.get_slot(model.trainable_variables[0], "m").numpy(), restored_m)
+
+
 def test_no_warning_when_state_is_restored(tmp_path, recwarn):
     path, _, _ = _train_one_and_save(tmp_path)
     model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)

@@ -194,6 +194,34 @@ def test_variable_constraint_applies_after_the_update(jit_compile, traced):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("traced", [False, True])
+def test_constraint_runs_only_when_the_step_changes_the_variables(jit_compile, traced):
+    """A skipped step (`skip_nonfinite`) and a call that only accumulates change
+    nothing: MaxNorm, which rescales by n / (n + 1e-7) (not 1 in float32 for a
+    norm of 0.5), must not run there."""
+    def make(**kwargs):
+        v = tf.Variable([[0.3, 0.4]], constraint=tf_keras.constraints.MaxNorm(5.0, axis=1))
+        opt = tf_lion.Lion(0.1, jit_compile=jit_compile, **kwargs)
+        step = lambda g: opt.apply_gradients([(g, v)])  # noqa: E731
+        return v, opt, (tf.function(step) if traced else step)
+
+    v, opt, step = make(skip_nonfinite=True)
+    for _ in range(3):
+        step(tf.constant([[np.nan, -1.0]]))
+    assert int(opt.skipped_steps) == 3
+    np.testing.assert_array_equal(v.numpy(), np.float32([[0.3, 0.4]]))
+    step(tf.constant([[-1.0, -1.0]]))  # applied: [0.4, 0.5], then rescaled a little
+    np.testing.assert_allclose(v.numpy(), [[0.4, 0.5]], rtol=1e-6)
+
+    v, opt, step = make(gradient_accumulation_steps=3)
+    for _ in range(2):
+        step(tf.constant([[-1.0, -1.0]]))
+        np.testing.assert_array_equal(v.numpy(), np.float32([[0.3, 0.4]]))
+    step(tf.constant([[-1.0, -1.0]]))
+    np.testing.assert_allclose(v.numpy(), [[0.4, 0.5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
 def test_variable_constraint_applies_after_an_ema_overwrite(jit_compile):
     """As tf-keras: the weights an EMA overwrite leaves are constrained too."""
     v = tf.Variable([0.05, 1.0], constraint=tf_keras.constraints.NonNeg())

@@ -1033,7 +1033,10 @@ class Lion(keras_optimizer.Optimizer):
             warnings.warn(
                 f"{error} The Keras file was loaded before the optimizer built its slots, "
                 "which it does now, for the variables of this first step: its optimizer state "
-                "is dropped and this optimizer starts fresh. To load it, build the slots for "
+                "is dropped and this optimizer starts fresh"
+                + (" (but for the state restored from a checkpoint before the file was "
+                   "loaded, which it keeps)" if self._slots.owners() else "")
+                + ". To load it, build the slots for "
                 "all the model's trainable variables before loading "
                 "(model.optimizer.build(model.trainable_variables)).", stacklevel=3)
             return
@@ -1251,14 +1254,8 @@ class Lion(keras_optimizer.Optimizer):
             finite = step_lib.first_local(distribution, finite)
             if self.use_ema and self.ema_overwrite_frequency:
                 self._maybe_overwrite_with_averages(variables, step, finite)
-            # Constraints last (after an EMA overwrite too, as tf-keras), on
-            # each local copy: run in a replica context, as tf-keras does, a
-            # variable with aggregation=SUM would get the replicas' sum.
-            for variable, (_, original) in zip(variables, grads_and_vars):
-                constraint = getattr(original, "constraint", None)
-                if constraint is not None:
-                    distribution.extended.update(
-                        variable, lambda v, c=constraint: v.assign(c(v)), group=False)
+            self._apply_constraints(distribution, variables,
+                                    [original for _, original in grads_and_vars], step, finite)
             if finite is None:
                 return self.iterations.assign_add(1)
             if self.skip_nonfinite:
@@ -1269,6 +1266,27 @@ class Lion(keras_optimizer.Optimizer):
     # EMA of the model variables (per-variable "average" slots, updated in
     # `_variable_step` right after their variable)
     # ------------------------------------------------------------------ #
+    def _apply_constraints(self, distribution, variables, originals, step, finite):
+        """Variable constraints, last (after an EMA overwrite too, as tf-keras),
+        on each local copy: run in a replica context, as tf-keras does, a
+        variable with aggregation=SUM would get the replicas' sum. Only when
+        the step changed the variables: a skipped step (`skip_nonfinite`) or
+        a call that only accumulates leaves them alone (MaxNorm, UnitNorm
+        rescale a little each time they run)."""
+        applied = None
+        if self._accumulating:
+            applied = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
+        if finite is not None:
+            applied = finite if applied is None else applied & finite
+        for variable, original in zip(variables, originals):
+            constraint = getattr(original, "constraint", None)
+            if constraint is None:
+                continue
+
+            distribution.extended.update(
+                variable, lambda v, c=constraint: step_lib.when(applied, lambda: v.assign(c(v))),
+                group=False)
+
     def _maybe_overwrite_with_averages(self, variables, step, finite):
         """Every `ema_overwrite_frequency` applied steps, variables = averages."""
         n = self.gradient_accumulation_steps if self._accumulating else 1
