@@ -365,6 +365,44 @@ def test_a_dropped_keras_file_keeps_the_state_a_checkpoint_restored_before_it(tm
         model.optimizer.get_slot(model.trainable_variables[0], "m").numpy(), restored_m)
 
 
+@pytest.mark.parametrize("create", ["build", "call"])
+def test_a_restore_before_keras_builds_the_model_in_a_graph_makes_the_slots(tmp_path, create):
+    """A deferred restore reaches the optimizer while Keras creates the
+    variables in a graph of its own (`model.build(shape)`): the slots are made
+    then too (under `init_scope`), so the file may be gone afterwards."""
+    def make():
+        tf_keras.utils.set_random_seed(0)
+        model = tf_keras.Sequential([tf_keras.layers.Dense(3, name="a"),
+                                     tf_keras.layers.Dense(2, name="b")])
+        model.compile(tf_lion.Lion(0.01, jit_compile=False), "mse")
+        return model
+
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    source = make()
+    source.fit(x, np.zeros((8, 2), np.float32), verbose=0, epochs=2)
+    saved = [source.optimizer.get_slot(v, "m").numpy() for v in source.trainable_variables]
+    first = tf.train.CheckpointManager(tf.train.Checkpoint(model=source, optimizer=source.optimizer),
+                                       str(tmp_path / "run"), max_to_keep=1).save()
+    model = make()  # no variables yet
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, str(tmp_path / "run"), max_to_keep=1)
+    checkpoint.restore(first)
+    if create == "build":
+        model.build((None, 3))
+    else:
+        model(x)
+    again = manager.save()
+    assert not tf.io.gfile.glob(first + "*")
+    model.optimizer.build(model.trainable_variables)
+    for v, m in zip(model.trainable_variables, saved):
+        np.testing.assert_array_equal(model.optimizer.get_slot(v, "m").numpy(), m)
+    resumed = make()
+    resumed.build((None, 3))
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(again)
+    for v, m in zip(resumed.trainable_variables, saved):
+        np.testing.assert_array_equal(resumed.optimizer.get_slot(v, "m").numpy(), m)
+
+
 def test_no_warning_when_state_is_restored(tmp_path, recwarn):
     path, _, _ = _train_one_and_save(tmp_path)
     model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)
@@ -567,7 +605,8 @@ def test_keras_file_loaded_before_a_build_over_some_variables_is_dropped_with_a_
     restored.load_weights(str(tmp_path / "ft.weights.h5"))
     with pytest.warns(UserWarning, match=r"this optimizer has step counter: 1, momenta: 1, "
                                          r"EMA averages: 1.*before the optimizer built its "
-                                         r"slots.*dropped and this optimizer starts fresh"):
+                                         r"slots.*dropped and this optimizer starts fresh. "
+                                         r"To load it"):  # (no checkpoint state is kept)
         restored.optimizer.build(restored.trainable_variables[:1])
     restored.optimizer.build(restored.trainable_variables)
     assert int(restored.optimizer.iterations) == 0

@@ -222,6 +222,28 @@ def test_constraint_runs_only_when_the_step_changes_the_variables(jit_compile, t
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("traced", [False, True])
+def test_constrained_table_and_an_empty_lazy_step(jit_compile, traced):
+    """A lazy step without rows changes nothing, constraint included; a step
+    with rows constrains the whole variable (a constraint is a function of all
+    of it), as tf-keras."""
+    table = tf.Variable([[0.3, 0.4], [0.6, 0.8]],
+                        constraint=tf_keras.constraints.MaxNorm(5.0, axis=1))
+    opt = tf_lion.Lion(0.1, sparse_mode="lazy", jit_compile=jit_compile)
+
+    def step(indices):
+        rows = tf.ones([tf.size(indices), 2])
+        opt.apply_gradients([(tf.IndexedSlices(rows, indices, tf.constant([2, 2])), table)])
+    step = tf.function(step) if traced else step
+    before = table.numpy()
+    step(tf.zeros([0], tf.int32))
+    np.testing.assert_array_equal(table.numpy(), before)
+    step(tf.constant([0]))
+    np.testing.assert_allclose(table.numpy(), [[0.2, 0.3], [0.6, 0.8]], rtol=1e-6)
+    assert not np.array_equal(table.numpy()[1], before[1])  # rescaled by n / (n + 1e-7)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
 def test_variable_constraint_applies_after_an_ema_overwrite(jit_compile):
     """As tf-keras: the weights an EMA overwrite leaves are constrained too."""
     v = tf.Variable([0.05, 1.0], constraint=tf_keras.constraints.NonNeg())

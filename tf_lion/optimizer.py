@@ -128,10 +128,15 @@ _TF_KERAS_MOMENTA = (
 
 
 def _can_create_slots_now():
-    """Whether a checkpoint restore may create slots at once: eagerly, in a
-    cross-replica context (else they wait for `build`)."""
-    in_replica = tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
-    return tf.executing_eagerly() and not tf.inside_function() and not in_replica
+    """Whether a checkpoint restore may create slots at once (under
+    `tf.init_scope()`, as `build` does): outside a replica context, in a
+    program whose outermost context is eager. A deferred restore can reach
+    the optimizer while Keras builds a model in a graph of its own
+    (`model.build(shape)`), or inside a traced step that creates variables."""
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        return False
+    with tf.init_scope():
+        return tf.executing_eagerly()
 
 
 def _assign_everywhere(variable, value):
@@ -625,6 +630,7 @@ class Lion(keras_optimizer.Optimizer):
         slots then; slots are keyed to variables, never to positions.
         """
         without_state = {}  # slot name -> names of restored variables it starts fresh for
+        restored_before = bool(self._slots.owners())  # by a checkpoint restore, if not built
         for var in var_list:
             _check_defined_shape(var)
         for var in var_list:
@@ -655,7 +661,7 @@ class Lion(keras_optimizer.Optimizer):
             self._restore_deferred_sharded()
         self._slots.follow_order([_unwrap(v) for v in var_list])
         if self._pending_keras_state is not None:
-            self._assign_pending_keras_state()
+            self._assign_pending_keras_state(restored_before)
         elif without_state:
             _warn_fresh_slots(self.name, without_state)
         self._built = True
@@ -749,9 +755,10 @@ class Lion(keras_optimizer.Optimizer):
         if isinstance(variable, sharded_variable.ShardedVariable):
             slots_lib.check_slot_shape(variable, slot_name, slot_variable_position.value_shape())
             if self._sharded_slot(variable, slot_name) is None and _can_create_slots_now():
-                for shard in variable.variables:
-                    if not self._slots.has(_unwrap(shard), slot_name):
-                        self._create_slot(_unwrap(shard), slot_name, ordered=False)
+                with tf.init_scope():
+                    for shard in variable.variables:
+                        if not self._slots.has(_unwrap(shard), slot_name):
+                            self._create_slot(_unwrap(shard), slot_name, ordered=False)
                 self._slots.last_restored_from = None
             slot = self._sharded_slot(variable, slot_name)
             if slot is None:  # restored once every shard has its slot (see `build`)
@@ -769,7 +776,8 @@ class Lion(keras_optimizer.Optimizer):
         if slot is None and _can_create_slots_now():
             # Now, as OptimizerV2 does: a checkpoint written before the first
             # step then holds it, and it no longer depends on the file.
-            slot, _ = self._create_slot(variable, slot_name, ordered=False)  # restores the queue
+            with tf.init_scope():
+                slot, _ = self._create_slot(variable, slot_name, ordered=False)  # and restores
             self._slots.last_restored_from = None
         if (slot_name == "accumulator" and slot is not None
                 and not _checkpoint_has_row_mask(slot_variable_position)):
@@ -1012,8 +1020,9 @@ class Lion(keras_optimizer.Optimizer):
                 f"{fresh[:3]}{' ...' if len(fresh) > 3 else ''}); they keep their values.",
                 stacklevel=3)
 
-    def _assign_pending_keras_state(self):
-        """At `build`: the slot values of a Keras file loaded before the slots existed."""
+    def _assign_pending_keras_state(self, restored_before):
+        """At `build`: the slot values of a Keras file loaded before the slots
+        existed. `restored_before`: a checkpoint restore had made slots."""
         labels, values, step, before = self._pending_keras_state
         self._pending_keras_state = None
         if self._iterations._update_uid != step:  # pylint: disable=protected-access
@@ -1035,7 +1044,7 @@ class Lion(keras_optimizer.Optimizer):
                 "which it does now, for the variables of this first step: its optimizer state "
                 "is dropped and this optimizer starts fresh"
                 + (" (but for the state restored from a checkpoint before the file was "
-                   "loaded, which it keeps)" if self._slots.owners() else "")
+                   "loaded, which it keeps)" if restored_before else "")
                 + ". To load it, build the slots for "
                 "all the model's trainable variables before loading "
                 "(model.optimizer.build(model.trainable_variables)).", stacklevel=3)
@@ -1254,8 +1263,7 @@ class Lion(keras_optimizer.Optimizer):
             finite = step_lib.first_local(distribution, finite)
             if self.use_ema and self.ema_overwrite_frequency:
                 self._maybe_overwrite_with_averages(variables, step, finite)
-            self._apply_constraints(distribution, variables,
-                                    [original for _, original in grads_and_vars], step, finite)
+            self._apply_constraints(distribution, variables, grads_and_vars, step, finite)
             if finite is None:
                 return self.iterations.assign_add(1)
             if self.skip_nonfinite:
@@ -1266,26 +1274,34 @@ class Lion(keras_optimizer.Optimizer):
     # EMA of the model variables (per-variable "average" slots, updated in
     # `_variable_step` right after their variable)
     # ------------------------------------------------------------------ #
-    def _apply_constraints(self, distribution, variables, originals, step, finite):
+    def _apply_constraints(self, distribution, variables, grads_and_vars, step, finite):
         """Variable constraints, last (after an EMA overwrite too, as tf-keras),
         on each local copy: run in a replica context, as tf-keras does, a
-        variable with aggregation=SUM would get the replicas' sum. Only when
-        the step changed the variables: a skipped step (`skip_nonfinite`) or
-        a call that only accumulates leaves them alone (MaxNorm, UnitNorm
+        variable with aggregation=SUM would get the replicas' sum.
+
+        A constraint is a function of the whole variable and is applied to
+        all of it, as in tf-keras, but only when the step changed the
+        variable: not on a skipped step (`skip_nonfinite`), a call that only
+        accumulates, or a lazy sparse step without rows (MaxNorm, UnitNorm
         rescale a little each time they run)."""
         applied = None
         if self._accumulating:
             applied = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
         if finite is not None:
             applied = finite if applied is None else applied & finite
-        for variable, original in zip(variables, originals):
+        for variable, (grad, original) in zip(variables, grads_and_vars):
             constraint = getattr(original, "constraint", None)
             if constraint is None:
                 continue
-
+            changed = applied
+            local = distribution.experimental_local_results(grad)[0]
+            if (isinstance(local, tf.IndexedSlices) and self.sparse_mode == "lazy"
+                    and not self._accumulating):  # (aggregated: every copy has the same rows)
+                has_rows = tf.size(local.indices) > 0
+                changed = has_rows if changed is None else changed & has_rows
             distribution.extended.update(
-                variable, lambda v, c=constraint: step_lib.when(applied, lambda: v.assign(c(v))),
-                group=False)
+                variable, lambda v, c=constraint, w=changed: step_lib.when(
+                    w, lambda: v.assign(c(v))), group=False)
 
     def _maybe_overwrite_with_averages(self, variables, step, finite):
         """Every `ema_overwrite_frequency` applied steps, variables = averages."""
