@@ -630,7 +630,8 @@ class Lion(keras_optimizer.Optimizer):
         slots then; slots are keyed to variables, never to positions.
         """
         without_state = {}  # slot name -> names of restored variables it starts fresh for
-        restored_before = bool(self._slots.owners())  # by a checkpoint restore, if not built
+        # Slots a checkpoint restore made (with a Keras file waiting, none were built).
+        restored_before = self._pending_keras_state is not None and bool(self._slots.owners())
         for var in var_list:
             _check_defined_shape(var)
         for var in var_list:
