@@ -403,6 +403,45 @@ def test_a_restore_before_keras_builds_the_model_in_a_graph_makes_the_slots(tmp_
         np.testing.assert_array_equal(resumed.optimizer.get_slot(v, "m").numpy(), m)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_restore_into_a_module_that_creates_its_variable_in_a_traced_step(tmp_path, jit_compile):
+    """The restore reaches the optimizer while the step's trace creates the
+    variable (no value yet): the EMA average made then starts from the
+    checkpoint's value, not from the variable."""
+    class Lazy(tf.Module):
+        def __call__(self, x):
+            if not hasattr(self, "w"):
+                self.w = tf.Variable(tf.ones([3, 2]) * 0.5, name="w")
+            return x @ self.w
+
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
+
+    def step(module, opt):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(module(x) ** 2)
+        grads = tape.gradient(loss, module.trainable_variables)
+        opt.apply_gradients(zip(grads, module.trainable_variables))
+
+    def make():
+        return Lazy(), tf_lion.Lion(0.01, use_ema=True, jit_compile=jit_compile)
+
+    source, opt = make()
+    step(source, opt)
+    step(source, opt)
+    path = tf.train.Checkpoint(model=source, optimizer=opt).save(str(tmp_path / "c"))
+    module, opt = make()
+    tf.train.Checkpoint(model=module, optimizer=opt).restore(path)
+    tf.function(lambda: step(module, opt))()  # creates `w`, restores, steps
+    reference, ref_opt = make()
+    reference(x)
+    tf.train.Checkpoint(model=reference, optimizer=ref_opt).restore(path).assert_consumed()
+    tf.function(lambda: step(reference, ref_opt))()
+    for name in ("m", "average"):
+        np.testing.assert_array_equal(opt.get_slot(module.w, name).numpy(),
+                                      ref_opt.get_slot(reference.w, name).numpy())
+    np.testing.assert_array_equal(module.w.numpy(), reference.w.numpy())
+
+
 def test_no_warning_when_state_is_restored(tmp_path, recwarn):
     path, _, _ = _train_one_and_save(tmp_path)
     model, opt = _model(seed=4), _optimizer(use_ema=False, learning_rate=0.01)

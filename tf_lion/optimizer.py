@@ -674,7 +674,9 @@ class Lion(keras_optimizer.Optimizer):
         if slot_name == "m":
             dtype, initial_value = self._momentum_dtype or _true_dtype(var), None
         elif slot_name == "average":
-            dtype, initial_value = _true_dtype(var), var
+            # From a restore: the checkpoint's value follows at once, and the
+            # variable may not hold a value yet (created in a traced call).
+            dtype, initial_value = _true_dtype(var), (var if ordered else None)
         elif slot_name == "accumulator":
             dtype, initial_value = update_lib.compute_dtype(_true_dtype(var)), None
         else:
