@@ -1287,11 +1287,7 @@ class Lion(keras_optimizer.Optimizer):
         variable: not on a skipped step (`skip_nonfinite`), a call that only
         accumulates, or a lazy sparse step without rows (MaxNorm, UnitNorm
         rescale a little each time they run)."""
-        applied = None
-        if self._accumulating:
-            applied = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
-        if finite is not None:
-            applied = finite if applied is None else applied & finite
+        applied = self._changes_variables(step, finite)
         for variable, (grad, original) in zip(variables, grads_and_vars):
             constraint = getattr(original, "constraint", None)
             if constraint is None:
@@ -1306,14 +1302,24 @@ class Lion(keras_optimizer.Optimizer):
                 variable, lambda v, c=constraint, w=changed: step_lib.when(
                     w, lambda: v.assign(c(v))), group=False)
 
+    def _changes_variables(self, step, finite):
+        """None (every call does), or whether this call changes the variables:
+        it is finite (`skip_nonfinite`) and, with accumulation, applies."""
+        applied = None
+        if self._accumulating:
+            applied = tf.equal((step + 1) % self.gradient_accumulation_steps, 0)
+        if finite is not None:
+            applied = finite if applied is None else applied & finite
+        return applied
+
     def _maybe_overwrite_with_averages(self, variables, step, finite):
         """Every `ema_overwrite_frequency` applied steps, variables = averages."""
         n = self.gradient_accumulation_steps if self._accumulating else 1
-        applied_now = tf.equal((step + 1) % n, 0)
         applied_steps = (step + 1) // n  # counting this one, if it applies
-        overwrite = applied_now & tf.equal(applied_steps % self.ema_overwrite_frequency, 0)
-        if finite is not None:
-            overwrite = overwrite & finite
+        overwrite = tf.equal(applied_steps % self.ema_overwrite_frequency, 0)
+        applied = self._changes_variables(step, finite)
+        if applied is not None:
+            overwrite = overwrite & applied
         tf.cond(overwrite,
                 lambda: (self._overwrite_model_variables_with_average_value(variables),
                          tf.constant(True))[1],

@@ -148,7 +148,7 @@ class SlotStore:
         """Creates the slot next to `variable` (same strategy, same device).
 
         `ordered=False` (a checkpoint restore) leaves the variable's slots out
-        of `ordered` until `adopt`.
+        of `ordered` until `adopt` (which `build` calls before it creates any).
 
         Returns `(slot, restored_without_state)`: the second is True when the
         variable was restored from a checkpoint that held no such slot for it
@@ -187,8 +187,6 @@ class SlotStore:
                 self._order.append(key)
             else:
                 self._unordered.add(key)
-        elif ordered:
-            self.adopt(variable)
         self._slots[key][slot_name] = slot
         restored_without_state = not positions and getattr(variable, "_self_update_uid", -1) >= 0
         return slot, restored_without_state
